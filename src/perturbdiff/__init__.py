@@ -1,0 +1,13 @@
+"""PerturbDiff: diffusion over sets of cells to predict single-cell perturbation responses."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("perturbdiff")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+from perturbdiff._errors import CheckpointError, ConfigError, DataError, PerturbDiffError
+from perturbdiff.config import Config
+
+__all__ = ["Config", "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "__version__"]

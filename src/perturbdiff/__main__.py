@@ -1,0 +1,5 @@
+import sys
+
+from perturbdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""perturbdiff.data"""
