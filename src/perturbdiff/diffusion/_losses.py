@@ -1,0 +1,159 @@
+"""Set-level losses (energy distance, RBF-MMD) and the x0-prediction training objective (SPEC §3, §7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from perturbdiff.config import DiffusionConfig
+from perturbdiff.diffusion._schedule import Schedule, q_sample
+
+COV_KEYS = ("pert", "context", "batch", "dose")
+
+
+def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """Per-point weights (B, N) in fp32 from a bool/float mask, or uniform ones."""
+    if mask is None:
+        return like.new_ones(like.shape[:2], dtype=torch.float32)
+    return mask.to(device=like.device, dtype=torch.float32)
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances ‖a_i − b_j‖² by one batched matmul, clamped at 0."""
+    d2 = a.pow(2).sum(-1)[:, :, None] + b.pow(2).sum(-1)[:, None, :] - 2.0 * a @ b.transpose(1, 2)
+    return d2.clamp_min(0.0)  # (B, N, M)
+
+
+def _self_dists(a: torch.Tensor, eps: float) -> torch.Tensor:
+    """Within-set Euclidean distances with a safe square root and an exactly zero diagonal."""
+    eye = torch.eye(a.shape[1], dtype=torch.bool, device=a.device)
+    return _sq_dists(a, a).clamp_min(eps).sqrt().masked_fill(eye, 0.0)  # (B, N, N)
+
+
+def _wmean(d: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """Σ_ij wa_i wb_j d_ij / (Σ wa · Σ wb): a weighted mean over all pairs (diagonal included)."""
+    num = torch.einsum("bn,bnm,bm->b", wa, d, wb)
+    return num / (wa.sum(-1) * wb.sum(-1)).clamp_min(1e-12)  # (B,)
+
+
+def _centered_fp32(x: torch.Tensor, y: torch.Tensor, wy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies minus y's (detached) weighted mean: same distances, less rounding in the matmul form."""
+    x, y = x.float(), y.float()
+    mu = (torch.einsum("bm,bmg->bg", wy, y) / wy.sum(-1, keepdim=True).clamp_min(1e-12)).detach()  # (B, G)
+    return x - mu[:, None], y - mu[:, None]
+
+
+def energy_distance(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask_x: torch.Tensor | None = None,
+    mask_y: torch.Tensor | None = None,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Energy distance 2·E‖x−y‖ − E‖x−x'‖ − E‖y−y'‖ per set (Székely & Rizzo), [B,N,G] × [B,M,G] -> [B].
+
+    V-statistic: the within-set means include the zero diagonal. Euclidean (not squared) norms with a safe
+    square root √max(d², eps), so coincident points give finite (zero) gradients. `mask_x` [B,N] / `mask_y`
+    [B,M] are per-point weights (bool or float; 0 excludes a point, e.g. a padded copy). To ignore genes, zero
+    them in both x and y. Computed in fp32 with autocast disabled.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        wx, wy = _weights(mask_x, x), _weights(mask_y, y)
+        x, y = _centered_fp32(x, y, wy)
+        dxy = _sq_dists(x, y).clamp_min(eps).sqrt()  # (B, N, M)
+        dxx = _self_dists(x, eps)  # (B, N, N)
+        dyy = _self_dists(y, eps)  # (B, M, M)
+        return 2.0 * _wmean(dxy, wx, wy) - _wmean(dxx, wx, wx) - _wmean(dyy, wy, wy)  # (B,)
+
+
+def _offdiag_wmean(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σ_{i≠j} w_i w_j k_ij / Σ_{i≠j} w_i w_j: the unbiased (U-statistic) within-set mean."""
+    num = torch.einsum("bn,bnm,bm->b", w, k, w) - torch.einsum("bn,bnn,bn->b", w, k, w)
+    den = w.sum(-1).pow(2) - w.pow(2).sum(-1)
+    return num / den.clamp_min(1e-12)  # (B,)
+
+
+def rbf_mmd(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask_x: torch.Tensor | None = None,
+    mask_y: torch.Tensor | None = None,
+    bandwidths: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
+) -> torch.Tensor:
+    """Unbiased MMD² with a sum of Gaussian kernels exp(−d²/(b·m)), m = median cross squared distance (scDFM).
+
+    The median is taken per set over valid x–y pairs and detached. Returns [B] (may be slightly negative).
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        wx, wy = _weights(mask_x, x), _weights(mask_y, y)
+        x, y = _centered_fp32(x, y, wy)
+        dxy, dxx, dyy = _sq_dists(x, y), _sq_dists(x, x), _sq_dists(y, y)
+        valid = (wx[:, :, None] > 0) & (wy[:, None, :] > 0)  # (B, N, M)
+        med = torch.where(valid, dxy, torch.nan).flatten(1).nanmedian(dim=1).values.detach()  # (B,)
+        scale = med.clamp_min(1e-8)[:, None, None]  # (B, 1, 1)
+
+        def kernel(d2: torch.Tensor) -> torch.Tensor:
+            return sum(torch.exp(-d2 / (b * scale)) for b in bandwidths)
+
+        within = _offdiag_wmean(kernel(dxx), wx) + _offdiag_wmean(kernel(dyy), wy)
+        return within - 2.0 * _wmean(kernel(dxy), wx, wy)  # (B,)
+
+
+def _draw(kind: str, shape: tuple, generator: torch.Generator | None, device: torch.device, high: int = 0):
+    """Random draw on the generator's device (so a CPU generator works for CUDA data), moved to `device`."""
+    kw = {"generator": generator, "device": generator.device if generator is not None else device}
+    if kind == "randint":
+        return torch.randint(high, shape, **kw).to(device)
+    return (torch.randn if kind == "randn" else torch.rand)(shape, **kw).to(device)
+
+
+def _masked_mse(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
+    """Mean squared error over the valid (cell, gene) entries, fp32."""
+    w = cell_w[:, :, None] if gene_w is None else cell_w[:, :, None] * gene_w[:, None, :]  # (B, S, 1|G)
+    err = (pred - target).pow(2) * w  # (B, S, G)
+    n = w.sum() * (pred.shape[-1] if gene_w is None else 1)
+    return err.sum() / n.clamp_min(1.0)
+
+
+def training_loss(
+    model: nn.Module,
+    sched: Schedule,
+    batch: dict,
+    cfg: DiffusionConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """x0-prediction loss MSE(x̂0, x0) + λ·mean_b ED(x̂0_b, x0_b), self-conditioning, CFG and control dropout.
+
+    Padded cells (batch["pad"]) are excluded from both terms; batch["gene_mask"] [B,G] (optional) restricts
+    both terms to those genes. Self-conditioning is decided per set: the no-grad first pass runs on the whole
+    batch (static shapes for torch.compile) and is fed back only to the chosen rows.
+    """
+    x0 = batch["target"].float()  # (B, S, G)
+    b, dev = x0.shape[0], x0.device
+    cov = {k: batch[k] for k in COV_KEYS}
+    t = _draw("randint", (b,), generator, dev, high=sched.T)  # (B,)
+    noise = _draw("randn", tuple(x0.shape), generator, dev)  # (B, S, G)
+    uncond = _draw("rand", (b,), generator, dev) < cfg.p_uncond  # (B,)
+    ctrl_drop = _draw("rand", (b,), generator, dev) < cfg.p_drop_control  # (B,)
+    use_self = _draw("rand", (b,), generator, dev) < cfg.self_cond_prob  # (B,)
+    x_t = q_sample(sched, x0, t, noise)  # (B, S, G)
+    ctrl = batch["control"]
+    x_self = torch.zeros_like(x_t)
+    if cfg.self_cond_prob > 0:
+        with torch.no_grad():
+            first = model(x_t, x_self, ctrl, t, cov, uncond, ctrl_drop).float()  # (B, S, G)
+        x_self = torch.where(use_self[:, None, None], first, x_self)
+    x0_hat = model(x_t, x_self, ctrl, t, cov, uncond, ctrl_drop).float()  # (B, S, G)
+
+    pad = batch.get("pad")
+    cell_w = x0.new_ones(x0.shape[:2]) if pad is None else (~pad.bool()).float()  # (B, S)
+    gene_w = batch.get("gene_mask")
+    gene_w = None if gene_w is None else gene_w.float()  # (B, G)
+    mse = _masked_mse(x0_hat, x0, cell_w, gene_w)
+    xe, ye = (x0_hat, x0) if gene_w is None else (x0_hat * gene_w[:, None], x0 * gene_w[:, None])
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.ed_weight != 0):
+        ed = energy_distance(xe, ye, cell_w, cell_w).mean()
+    loss = mse + cfg.ed_weight * ed
+    return loss, {"mse": float(mse.detach()), "ed": float(ed.detach()), "loss": float(loss.detach())}

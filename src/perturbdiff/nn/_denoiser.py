@@ -1,0 +1,108 @@
+"""The set denoiser: a two-stream diffusion transformer over cells that predicts x0 (SPEC §2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perturbdiff.config import PRESETS, Config, ModelConfig
+from perturbdiff.nn._block import FinalLayer, TwoStreamBlock
+from perturbdiff.nn._embed import CovariateEncoder, TimestepEmbedder
+
+#: covariate vocabulary sizes used when only the parameter count matters
+DEFAULT_VOCAB_SIZES = {"pert": 64, "contexts": [16], "batch": 8, "dose": 1}
+
+
+class Denoiser(nn.Module):
+    """MM-DiT x0-predictor: cells are tokens (no positional embedding, so permutation-equivariant over cells).
+
+    Target stream input [x_t ; x̂0_self] (2G) -> Linear -> H. Control stream input [x_ctrl ; 0] -> Linear -> H
+    is implemented as a Linear G -> H on x_ctrl: the zero half multiplies columns that never receive a
+    gradient, so it is the same function with G·H fewer parameters. c = MLP(sinusoidal(t)) + CovEncoder(cov).
+    Only the target stream is decoded, so no final layer is created for the control stream. Output: ReLU(x̂0).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        n_genes: int,
+        vocab_sizes: dict,
+        *,
+        pert_table: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_genes = int(n_genes)
+        self.vocab_sizes = {k: list(v) if isinstance(v, (list, tuple)) else int(v) for k, v in vocab_sizes.items()}
+        h = cfg.hidden
+        self.x_in = nn.Linear(2 * n_genes, h)
+        self.ctrl_in = nn.Linear(n_genes, h)
+        self.t_embed = TimestepEmbedder(h)
+        self.cov_encoder = CovariateEncoder(
+            vocab_sizes, cfg.cov_dim, h, pert_table=pert_table, context_dropout=cfg.context_dropout
+        )
+        self.blocks = nn.ModuleList(TwoStreamBlock(h, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
+        self.final = FinalLayer(h, n_genes)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT init: xavier Linears, N(0, 0.02) embeddings, zero AdaLN modulation; normal output head."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.cov_encoder.null, std=0.02)
+        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        for block in self.blocks:
+            for stream in (block.target, block.control):
+                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
+                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
+        # Not zero (unlike DiT): a zero projection under the output ReLU would never receive a gradient.
+        nn.init.normal_(self.final.linear.weight, std=0.02)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def condition(self, t: torch.Tensor, cov: dict, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """c = MLP(sinusoidal(t)) + CovEncoder(cov), null covariate vector where uncond."""
+        return self.t_embed(t) + self.cov_encoder(cov, uncond)  # (B, H)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        x_self: torch.Tensor,
+        x_ctrl: torch.Tensor,
+        t: torch.Tensor,
+        cov: dict,
+        uncond: torch.Tensor | None = None,
+        ctrl_drop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x̂0 = ReLU(f(x_t, x̂0_self, x_ctrl, t, cov)); `ctrl_drop` rows get an all-zero control input."""
+        if ctrl_drop is not None:
+            x_ctrl = x_ctrl.masked_fill(ctrl_drop.reshape(-1, 1, 1), 0.0)  # (B, S, G)
+        x = self.x_in(torch.cat([x_t, x_self], dim=-1))  # (B, S, H)
+        xc = self.ctrl_in(x_ctrl)  # (B, S, H)
+        c = self.condition(t, cov, uncond)  # (B, H)
+        for block in self.blocks:
+            x, xc = block(x, xc, c)  # (B, S, H) each
+        return F.relu(self.final(x, c))  # (B, S, G)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (frozen buffers such as an external embedding table are not parameters)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def preset_parameter_counts(n_genes: int = 2000, vocab_sizes: dict | None = None) -> dict[str, int]:
+    """Parameter count of every preset in `perturbdiff.config.PRESETS`, built on the meta device."""
+    counts = {}
+    for name in PRESETS:
+        cfg = Config.from_preset(name).model
+        with torch.device("meta"):
+            model = Denoiser(cfg, n_genes, vocab_sizes or DEFAULT_VOCAB_SIZES)
+        counts[name] = count_parameters(model)
+    return counts

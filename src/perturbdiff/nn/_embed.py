@@ -1,0 +1,97 @@
+"""Conditioning: sinusoidal timestep MLP and the covariate encoder with a learned null vector (SPEC §2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """Sinusoidal timestep embedding (Vaswani et al. 2017): [cos(t·f_k) ; sin(t·f_k)], f_k = P^(-k/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2·half)
+    return F.pad(emb, (0, dim % 2))  # (B, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    """MLP(sinusoidal(t)): frequency features -> Linear-SiLU-Linear -> H (DiT TimestepEmbedder)."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))  # (B, H)
+
+
+class CovariateEncoder(nn.Module):
+    """CovEncoder: perturbation(+dose), each context column, batch -> cov_dim; concat; Linear-SiLU-Linear.
+
+    Perturbation combinations are the SUM of their parts' embeddings; index 0 is padding (adds nothing).
+    `pert_table` [n_pert, E] is an optional frozen external embedding (zero rows for labels it lacks),
+    projected by a Linear E->cov_dim and added to the learned table. Rows flagged `uncond` get the learned
+    null vector instead (classifier-free guidance, DiT LabelEmbedder). In training mode each context label is
+    replaced by index 0 (``<unknown>``) with probability `context_dropout`, so unseen contexts have a token.
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: dict,
+        cov_dim: int,
+        hidden: int,
+        *,
+        pert_table: torch.Tensor | None = None,
+        context_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        contexts = list(vocab_sizes.get("contexts", []))
+        self.context_dropout = float(context_dropout)
+        self.pert = nn.Embedding(int(vocab_sizes["pert"]), cov_dim)
+        self.dose = nn.Embedding(max(int(vocab_sizes.get("dose", 1)), 1), cov_dim)
+        self.contexts = nn.ModuleList(nn.Embedding(int(n), cov_dim) for n in contexts)
+        self.batch = nn.Embedding(max(int(vocab_sizes.get("batch", 1)), 1), cov_dim)
+        if pert_table is not None:
+            if pert_table.ndim != 2 or pert_table.shape[0] != int(vocab_sizes["pert"]):
+                raise ValueError(f"pert_table must be [n_pert={vocab_sizes['pert']}, E], got {tuple(pert_table.shape)}")
+            self.register_buffer("pert_table", pert_table.detach().float().clone())
+            self.pert_proj: nn.Linear | None = nn.Linear(pert_table.shape[1], cov_dim)
+        else:
+            self.pert_table = None
+            self.pert_proj = None
+        width = cov_dim * (2 + len(contexts))
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.null = nn.Parameter(torch.zeros(hidden))
+
+    def _pert(self, pert: torch.Tensor) -> torch.Tensor:
+        """Sum over parts of (learned + projected frozen) embeddings; padding index 0 masked out."""
+        if pert.ndim == 1:
+            pert = pert[:, None]  # (B, P)
+        emb = self.pert(pert)  # (B, P, D)
+        if self.pert_proj is not None:
+            emb = emb + self.pert_proj(self.pert_table[pert])  # (B, P, D)
+        keep = (pert != 0).to(emb.dtype)[..., None]  # (B, P, 1)
+        return (emb * keep).sum(dim=1)  # (B, D)
+
+    def _drop_context(self, context: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.context_dropout <= 0.0 or context.numel() == 0:
+            return context
+        drop = torch.rand(context.shape, device=context.device) < self.context_dropout
+        return context.masked_fill(drop, 0)
+
+    def forward(self, cov: dict, uncond: torch.Tensor | None = None) -> torch.Tensor:
+        pert = self._pert(cov["pert"]) + self.dose(cov["dose"].reshape(-1))  # (B, D)
+        parts = [pert]
+        if len(self.contexts):
+            context = self._drop_context(cov["context"].reshape(pert.shape[0], -1))  # (B, C)
+            parts += [emb(context[:, i]) for i, emb in enumerate(self.contexts)]
+        parts.append(self.batch(cov["batch"].reshape(-1)))
+        h = self.mlp(torch.cat(parts, dim=-1))  # (B, H)
+        if uncond is not None:
+            h = torch.where(uncond.reshape(-1, 1), self.null.to(h.dtype).expand_as(h), h)
+        return h  # (B, H)
