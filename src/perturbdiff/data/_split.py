@@ -1,0 +1,379 @@
+"""Conditions and splits: which (context, perturbation) groups are train / val / test, as JSON (SPEC §1)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from perturbdiff._errors import DataError
+from perturbdiff._io import atomic_write_json
+from perturbdiff._logging import logger
+from perturbdiff.data._keys import DataKeys
+
+Condition = tuple[tuple[str, ...], str]  # ((context value per context column, ...), perturbation label)
+SUBSETS = ("train", "val", "test")
+STRATEGIES = (
+    "held-out-contexts-partial",
+    "held-out-contexts",
+    "held-out-perturbations",
+    "held-out-combinations",
+)
+
+
+def obs_codes(obs: pd.DataFrame, col: str, *, required: bool = True) -> tuple[np.ndarray, list[str]]:
+    """Integer codes (-1 = missing) and string categories of one obs column, without per-cell string work."""
+    if col not in obs.columns:
+        raise DataError(f"obs has no column {col!r}; columns are: {', '.join(map(str, obs.columns))}")
+    cat = pd.Categorical(obs[col])
+    codes = np.asarray(cat.codes, dtype=np.int64)
+    if required and (codes < 0).any():
+        raise DataError(f"obs column {col!r} has {int((codes < 0).sum())} missing values")
+    return codes, [str(c) for c in cat.categories]
+
+
+def condition_codes(adata, keys: DataKeys) -> tuple[np.ndarray, list[Condition]]:
+    """Per-cell condition code [N] and each code's condition (mixed-radix codes compressed by np.unique)."""
+    cols = [obs_codes(adata.obs, c) for c in (*keys.context_keys, keys.pert_key)]
+    code = np.zeros(adata.n_obs, dtype=np.int64)
+    comp = np.zeros((1, 0), dtype=np.int64)  # component codes of each unique combination so far
+    for c, cats in cols:
+        k = max(len(cats), 1)
+        uniq, code = np.unique(code * k + c, return_inverse=True)
+        comp = np.column_stack([comp[uniq // k], uniq % k])
+    conditions = [
+        (tuple(cols[j][1][row[j]] for j in range(len(cols) - 1)), cols[-1][1][row[-1]]) for row in comp.tolist()
+    ]
+    return code.reshape(-1).astype(np.int64), conditions
+
+
+def condition_labels(adata, keys: DataKeys) -> pd.Series:
+    """Per-cell Condition: pd.Series of ``(context_tuple, perturbation)`` tuples (object dtype) on obs_names.
+
+    Control cells get ``(context, control_value)``. Vectorised: only the unique conditions become tuples.
+    """
+    code, conditions = condition_codes(adata, keys)
+    table = np.empty(len(conditions), dtype=object)
+    for i, cond in enumerate(conditions):
+        table[i] = cond
+    return pd.Series(table[code], index=adata.obs_names, name="condition")
+
+
+def _parse_condition(item: Any, n_ctx: int, where: str) -> Condition:
+    if not isinstance(item, (list, tuple)) or len(item) != 2:
+        raise DataError(f"{where}: a condition must be [context, perturbation], got {item!r}")
+    ctx, pert = item
+    ctx = (str(ctx),) if isinstance(ctx, str) else tuple(str(c) for c in ctx)
+    if len(ctx) != n_ctx:
+        raise DataError(f"{where}: context {list(ctx)} has {len(ctx)} values but there are {n_ctx} context columns")
+    return ctx, str(pert)
+
+
+@dataclass
+class Split:
+    """Train / val / test conditions; read and written in the JSON format of shared/benchmarks/README.md."""
+
+    name: str
+    pert_col: str
+    control: str
+    context_cols: list[str]
+    train: list[Condition]
+    val: list[Condition]
+    test: list[Condition]
+    test_n_cells: list[int] | None = None
+    var_names: list[str] | None = None
+    seed: int = 0
+    strategy: str = ""
+    dataset: str = ""
+    source: str = ""
+    preprocess: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown JSON keys, kept on write
+
+    def subset(self, name: str) -> list[Condition]:
+        """The conditions of ``"train"``, ``"val"`` or ``"test"``."""
+        if name not in SUBSETS:
+            raise DataError(f"unknown split subset {name!r}; choose one of {', '.join(SUBSETS)}")
+        return list(getattr(self, name))
+
+    # -- JSON --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "split") -> Split:
+        missing = [k for k in ("pert_col", "control", "context_cols", "train", "val", "test") if k not in d]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
+        ctx_cols = [d["context_cols"]] if isinstance(d["context_cols"], str) else [str(c) for c in d["context_cols"]]
+        conds = {s: [_parse_condition(c, len(ctx_cols), f"{where} {s}") for c in d[s]] for s in SUBSETS}
+        n_cells = d.get("test_n_cells")
+        if n_cells is not None and len(n_cells) != len(conds["test"]):
+            raise DataError(
+                f"{where}: test_n_cells has {len(n_cells)} entries for {len(conds['test'])} test conditions"
+            )
+        known = {
+            "name",
+            "dataset",
+            "source",
+            "pert_col",
+            "context_cols",
+            "control",
+            "seed",
+            "strategy",
+            *SUBSETS,
+            "test_n_cells",
+            "preprocess",
+            "var_names",
+        }
+        return cls(
+            name=str(d.get("name", "")),
+            pert_col=str(d["pert_col"]),
+            control=str(d["control"]),
+            context_cols=ctx_cols,
+            **conds,
+            test_n_cells=None if n_cells is None else [int(n) for n in n_cells],
+            var_names=None if d.get("var_names") is None else [str(g) for g in d["var_names"]],
+            seed=int(d.get("seed", 0)),
+            strategy=str(d.get("strategy", "")),
+            dataset=str(d.get("dataset", "")),
+            source=str(d.get("source", "")),
+            preprocess=str(d.get("preprocess", "")),
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: a context is a string with one context column, a list of strings otherwise."""
+        one = len(self.context_cols) == 1
+
+        def enc(conds: list[Condition]) -> list[list[Any]]:
+            return [[ctx[0] if one else list(ctx), pert] for ctx, pert in conds]
+
+        return {
+            "name": self.name,
+            "dataset": self.dataset,
+            "source": self.source,
+            "pert_col": self.pert_col,
+            "context_cols": list(self.context_cols),
+            "control": self.control,
+            "seed": self.seed,
+            "strategy": self.strategy,
+            "train": enc(self.train),
+            "val": enc(self.val),
+            "test": enc(self.test),
+            "test_n_cells": self.test_n_cells,
+            "preprocess": self.preprocess,
+            "var_names": self.var_names,
+            **self.extra,
+        }
+
+    @classmethod
+    def read(cls, path: str | Path) -> Split:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        except FileNotFoundError:
+            raise DataError(f"split file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"split file {path} is not valid JSON: {e}") from None
+        return cls.from_dict(d, where=f"split file {path}")
+
+    def write(self, path: str | Path) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    # -- validation --------------------------------------------------------------------------------------
+    def check(self, adata, keys: DataKeys) -> None:
+        """Raise DataError if the columns disagree with ``keys`` or conditions are absent from ``adata``."""
+        if self.pert_col != keys.pert_key:
+            raise DataError(f"split pert_col {self.pert_col!r} differs from the data's pert_key {keys.pert_key!r}")
+        if list(self.context_cols) != list(keys.context_keys):
+            raise DataError(
+                f"split context_cols {list(self.context_cols)} differ from the data's context_keys "
+                f"{list(keys.context_keys)}"
+            )
+        if self.control != keys.control_value:
+            raise DataError(f"split control {self.control!r} differs from the data's control {keys.control_value!r}")
+        _, present = condition_codes(adata, keys)
+        present_set = set(present)
+        absent = [c for s in SUBSETS for c in getattr(self, s) if c not in present_set]
+        if absent:
+            shown = ", ".join(f"{list(c)}/{p}" for c, p in absent[:5])
+            raise DataError(f"{len(absent)} split condition(s) are absent from the data, e.g. {shown}")
+        overlap = set(self.train) & (set(self.val) | set(self.test))
+        if overlap:
+            c, p = sorted(overlap)[0]
+            raise DataError(f"{len(overlap)} condition(s) are both in train and val/test, e.g. {list(c)}/{p}")
+
+    def summary(self) -> str:
+        """One line: name, strategy and the number of conditions per subset."""
+        return (
+            f"split {self.name!r} ({self.strategy or 'given'}): {len(self.train)} train, {len(self.val)} val,"
+            f" {len(self.test)} test conditions"
+        )
+
+
+# -- drawing splits ---------------------------------------------------------------------------------------
+def _round(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def _shuffled(items, rng: np.random.Generator) -> list:
+    """The sorted items in a seeded random order."""
+    items = sorted(items)
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def _matches(label: str, chosen: set[str]) -> bool:
+    """A label is held out if it, or one of its ``+`` parts, was chosen."""
+    return label in chosen or any(part in chosen for part in label.split("+"))
+
+
+def _held_contexts(perturbed: list[Condition], holdout, rng, *, min_perts: int, allow_all: bool) -> tuple:
+    """(held-out context tuples, holdout values): a context is held out when one of its values is listed."""
+    contexts = sorted({c for c, _ in perturbed})
+    if holdout is None:
+        n_perts: dict[str, set[str]] = {}
+        for c, p in perturbed:
+            n_perts.setdefault(c[0], set()).add(p)
+        cand = [v for v, ps in n_perts.items() if len(ps) >= min_perts] or list(n_perts)
+        holdout = _shuffled(cand, rng)[:1]
+    values = {v for c in contexts for v in c}
+    for h in holdout:
+        if h not in values:
+            raise DataError(f"holdout context {h!r} has no perturbed cells in any context column")
+    held = {c for c in contexts if any(h in c for h in holdout)}
+    if not allow_all and len(held) == len(contexts):
+        raise DataError(f"holdout {', '.join(holdout)} covers every context: nothing is left for training")
+    return held, list(holdout)
+
+
+def _contexts_partial(perturbed, keys, rng, holdout, train_fraction, n_val) -> tuple[set, set, list]:
+    """Held-out contexts keep a fraction of their perturbations in train; rest: few val, others test."""
+    held, holdout = _held_contexts(perturbed, holdout, rng, min_perts=3, allow_all=True)
+    perts = _shuffled({p for c, p in perturbed if c in held}, rng)
+    n = len(perts)
+    n_tr = min(_round(train_fraction * n), n - 1)
+    n_v = min(max(1, _round(0.1 * n)) if n_val is None else n_val, n - 1 - n_tr)
+    val_p, test_p = set(perts[n_tr : n_tr + n_v]), set(perts[n_tr + n_v :])
+    val = {(c, p) for c, p in perturbed if c in held and p in val_p}
+    test = {(c, p) for c, p in perturbed if c in held and p in test_p}
+    return val, test, holdout
+
+
+def _contexts(perturbed, keys, rng, holdout, train_fraction, n_val) -> tuple[set, set, list]:
+    """Held-out contexts' perturbed conditions are test; val: another held-out context or other conditions."""
+    held, holdout = _held_contexts(perturbed, holdout, rng, min_perts=1, allow_all=False)
+    if len(holdout) >= 2:
+        val_values = set(_shuffled(holdout, rng)[: min(1 if n_val is None else n_val, len(holdout) - 1)])
+        val_ctx = {c for c in held if any(v in c for v in val_values)}
+        val = {(c, p) for c, p in perturbed if c in val_ctx}
+        return val, {(c, p) for c, p in perturbed if c in held - val_ctx}, holdout
+    others = [(c, p) for c, p in perturbed if c not in held]
+    n_v = min(max(1, _round(0.1 * len(others))) if n_val is None else n_val, len(others) - 1)
+    return set(_shuffled(others, rng)[:n_v]), {(c, p) for c, p in perturbed if c in held}, holdout
+
+
+def _labels_val_test(holdout: list[str], others: list[str], rng, n_val, keep_train: int) -> tuple[set, set]:
+    """Split chosen labels into val/test (val from the chosen when >= 2, otherwise drawn from the others)."""
+    if len(holdout) >= 2:
+        n_v = min(max(1, _round(0.1 * len(holdout))) if n_val is None else n_val, len(holdout) - 1)
+        order = _shuffled(holdout, rng)
+        return set(order[:n_v]), set(order[n_v:])
+    n_v = max(0, min(1 if n_val is None else n_val, len(others) - keep_train))
+    return set(_shuffled(others, rng)[:n_v]), set(holdout)
+
+
+def _perturbations(perturbed, keys, rng, holdout, train_fraction, n_val) -> tuple[set, set, list]:
+    """Held-out perturbation labels (and combinations containing them) are val/test in every context."""
+    labels = sorted({p for _, p in perturbed})
+    parts = {q for p in labels for q in p.split("+")}
+    if holdout is None:
+        if len(labels) < 2:
+            raise DataError(f"column {keys.pert_key!r} has a single perturbation: nothing to hold out")
+        holdout = _shuffled(labels, rng)[: min(max(1, _round(0.2 * len(labels))), len(labels) - 1)]
+    for h in holdout:
+        if h not in parts and h not in labels:
+            raise DataError(f"holdout perturbation {h!r} is not in column {keys.pert_key!r}")
+    others = [p for p in labels if not _matches(p, set(holdout))]
+    if not others:
+        raise DataError(f"holdout {', '.join(holdout)} covers every perturbation: nothing is left for training")
+    val_l, test_l = _labels_val_test(list(holdout), others, rng, n_val, keep_train=1)
+    test = {(c, p) for c, p in perturbed if _matches(p, test_l)}
+    val = {(c, p) for c, p in perturbed if _matches(p, val_l)} - test
+    return val, test, list(holdout)
+
+
+def _combinations(perturbed, keys, rng, holdout, train_fraction, n_val) -> tuple[set, set, list]:
+    """Held-out combinations A+B (default: half of those with all parts measured singly) are val/test."""
+    labels = sorted({p for _, p in perturbed})
+    singles = {p for p in labels if "+" not in p}
+    combos = [p for p in labels if "+" in p]
+    eligible = [p for p in combos if all(q in singles for q in p.split("+"))]
+    if holdout is None:
+        if not eligible:
+            raise DataError(f"no combination A+B in column {keys.pert_key!r} has all its parts measured singly")
+        holdout = _shuffled(eligible, rng)[: max(1, _round(0.5 * len(eligible)))]
+    for h in holdout:
+        if h not in combos:
+            raise DataError(f"holdout {h!r} is not a combination label (A+B) in column {keys.pert_key!r}")
+    unseen = [h for h in holdout if h not in eligible]
+    if unseen:
+        logger.info("held-out combination(s) %s have parts never measured singly", ", ".join(unseen))
+    others = [p for p in eligible if p not in set(holdout)]
+    val_l, test_l = _labels_val_test(list(holdout), others, rng, n_val, keep_train=0)
+    return (
+        {(c, p) for c, p in perturbed if p in val_l},
+        {(c, p) for c, p in perturbed if p in test_l},
+        holdout,
+    )
+
+
+_STRATEGY_FNS = dict(zip(STRATEGIES, (_contexts_partial, _contexts, _perturbations, _combinations)))
+
+
+def make_split(
+    adata,
+    keys: DataKeys,
+    strategy: str,
+    *,
+    holdout: list[str] | str | None = None,
+    seed: int = 0,
+    train_fraction: float = 0.3,
+    n_val: int | None = None,
+) -> Split:
+    """Draw a seeded split of the perturbed conditions (controls are never listed: visible everywhere).
+
+    ``holdout``: context values (context strategies: a context is held out when any of its values is listed),
+    perturbation labels or parts (held-out-perturbations), combination labels (held-out-combinations); default
+    drawn from ``seed``. ``n_val``: number of val perturbations / conditions / contexts (see each strategy).
+    """
+    if strategy not in _STRATEGY_FNS:
+        raise DataError(f"unknown split strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not 0.0 <= train_fraction < 1.0:
+        raise DataError(f"train_fraction must be in [0, 1), got {train_fraction}")
+    code, conds = condition_codes(adata, keys)
+    n_cells = dict(zip(conds, np.bincount(code, minlength=len(conds)).tolist()))
+    perturbed = sorted(c for c in conds if c[1] != keys.control_value)
+    if not perturbed:
+        raise DataError(f"column {keys.pert_key!r} has no perturbed cells (only {keys.control_value!r})")
+    holdout = [holdout] if isinstance(holdout, str) else None if holdout is None else [str(h) for h in holdout]
+    rng = np.random.default_rng(seed)
+    val, test, holdout = _STRATEGY_FNS[strategy](perturbed, keys, rng, holdout, train_fraction, n_val)
+    val = val - test
+    if not test:
+        raise DataError(f"strategy {strategy!r} with holdout {holdout} left no test conditions")
+    test_l = sorted(test)
+    return Split(
+        name=strategy,
+        pert_col=keys.pert_key,
+        control=keys.control_value,
+        context_cols=list(keys.context_keys),
+        train=sorted(set(perturbed) - val - test),
+        val=sorted(val),
+        test=test_l,
+        test_n_cells=[n_cells[c] for c in test_l],
+        var_names=[str(g) for g in adata.var_names],
+        seed=int(seed),
+        strategy=strategy,
+        extra={"holdout": holdout},
+    )

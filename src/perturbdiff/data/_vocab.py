@@ -1,0 +1,151 @@
+"""Covariate vocabularies (perturbation parts, contexts, batch, dose) and their integer encoding."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from perturbdiff._errors import DataError
+from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._split import Condition, obs_codes
+
+PAD, UNKNOWN, NONE = "<pad>", "<unknown>", "<none>"
+
+
+def pert_parts(label: str) -> list[str]:
+    """The parts of a perturbation label: ``"A+B"`` -> ``["A", "B"]``."""
+    return [p for p in label.split("+") if p]
+
+
+def _observed(adata, col: str) -> list[str]:
+    """Sorted distinct non-missing values of an obs column, as strings."""
+    codes, cats = obs_codes(adata.obs, col, required=False)
+    return sorted({cats[c] for c in np.unique(codes[codes >= 0])})
+
+
+@dataclass
+class Covariates:
+    """Integer covariates per set / condition (numpy, LongTensor-ready)."""
+
+    pert: np.ndarray  # [N, P] int64 part indices, 0-padded (P = max parts, >= 1)
+    context: np.ndarray  # [N, C] int64
+    batch: np.ndarray  # [N] int64
+    dose: np.ndarray  # [N] int64
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+
+@dataclass
+class Vocab:
+    """Covariate vocabularies; index 0 reserved (<pad> / <unknown> / <none>); pert index 1 = the control."""
+
+    pert: list[str]
+    contexts: list[list[str]]
+    batch: list[str] = field(default_factory=lambda: [NONE])
+    dose: list[str] = field(default_factory=lambda: [NONE])
+    context_keys: list[str] = field(default_factory=list)  # column names, for error messages
+
+    @classmethod
+    def build(cls, adata, keys: DataKeys, train_conditions: Sequence[Condition]) -> Vocab:
+        """Perturbation parts from the training conditions only; contexts, batch and dose from all cells."""
+        parts = {q for _, p in train_conditions if p != keys.control_value for q in pert_parts(p)}
+        parts.discard(keys.control_value)
+        batch = [UNKNOWN, *_observed(adata, keys.batch_key)] if keys.batch_key else [NONE]
+        dose = [NONE, *_observed(adata, keys.dose_key)] if keys.dose_key else [NONE]
+        return cls(
+            pert=[PAD, keys.control_value, *sorted(parts)],
+            contexts=[[UNKNOWN, *_observed(adata, k)] for k in keys.context_keys],
+            batch=batch,
+            dose=dose,
+            context_keys=list(keys.context_keys),
+        )
+
+    @property
+    def control(self) -> str:
+        return self.pert[1]
+
+    @property
+    def sizes(self) -> dict[str, Any]:
+        """Vocabulary sizes in the form the denoiser takes (``vocab_sizes``)."""
+        ctx = [len(c) for c in self.contexts]
+        return {"pert": len(self.pert), "contexts": ctx, "batch": len(self.batch), "dose": len(self.dose)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pert": list(self.pert),
+            "contexts": [list(c) for c in self.contexts],
+            "batch": list(self.batch),
+            "dose": list(self.dose),
+            "context_keys": list(self.context_keys),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Vocab:
+        return cls(
+            pert=[str(x) for x in d["pert"]],
+            contexts=[[str(x) for x in c] for c in d["contexts"]],
+            batch=[str(x) for x in d.get("batch", [NONE])],
+            dose=[str(x) for x in d.get("dose", [NONE])],
+            context_keys=[str(x) for x in d.get("context_keys", [])],
+        )
+
+    # -- encoding ----------------------------------------------------------------------------------------
+    def encode_pert(self, labels: Sequence[str]) -> np.ndarray:
+        """[N, P] part indices; a part never seen in training raises DataError (never mapped silently)."""
+        lookup = {p: i for i, p in enumerate(self.pert) if i > 0}
+        uniq, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+        rows = []
+        for label in uniq.tolist():
+            parts = [label] if label == self.control else pert_parts(label)
+            missing = [q for q in parts if q not in lookup]
+            if missing or not parts:
+                name = ", ".join(map(repr, missing)) or repr(label)
+                raise DataError(f"perturbation {name} (in {label!r}) was not seen in training: no learned embedding")
+            rows.append([lookup[q] for q in parts])
+        width = max([1, *map(len, rows)])
+        table = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            table[i, : len(r)] = r
+        return table[inverse.reshape(-1)]
+
+    def _lookup(self, vocab: list[str], values, what: str, unknown: str) -> np.ndarray:
+        """Index of each value in ``vocab[1:]``; unseen values raise (unknown="error") or map to 0."""
+        values = pd.Series(values, dtype=object)
+        missing_value = values.isna().to_numpy()
+        idx = pd.Index(vocab[1:]).get_indexer(values.astype(str).to_numpy()) + 1
+        bad = (idx == 0) & ~missing_value
+        if bad.any() and unknown == "error":
+            raise DataError(f"unknown {what} {values[bad].iloc[0]!r}: not in the vocabulary ({bad.sum()} value(s))")
+        return idx.astype(np.int64)
+
+    def encode(
+        self,
+        conditions: Sequence[Condition],
+        batch_values: Sequence[Any] | None = None,
+        dose_values: Sequence[Any] | None = None,
+        unknown: str = "error",
+    ) -> Covariates:
+        """Integer covariates of conditions; unseen contexts/batches/doses raise or map to 0 (``unknown``)."""
+        if unknown not in ("error", "unknown"):
+            raise DataError(f"unknown= must be 'error' or 'unknown', got {unknown!r}")
+        n = len(conditions)
+        bad = [c for c in conditions if len(c[0]) != len(self.contexts)]
+        if bad:
+            raise DataError(f"context {list(bad[0][0])} has {len(bad[0][0])} values, expected {len(self.contexts)}")
+        ctx = np.zeros((n, len(self.contexts)), dtype=np.int64)
+        for j, vocab in enumerate(self.contexts):
+            col = self.context_keys[j] if j < len(self.context_keys) else f"#{j}"
+            ctx[:, j] = self._lookup(vocab, [c[0][j] for c in conditions], f"context value (column {col!r})", unknown)
+        batch = np.zeros(n, dtype=np.int64)
+        if batch_values is not None:
+            batch = self._lookup(self.batch, list(batch_values), "batch", unknown)
+        dose = np.zeros(n, dtype=np.int64)
+        if dose_values is not None:
+            dose = self._lookup(self.dose, list(dose_values), "dose", unknown)
+        pert = self.encode_pert([c[1] for c in conditions]) if n else np.zeros((0, 1), dtype=np.int64)
+        return Covariates(pert=pert, context=ctx, batch=batch, dose=dose)
