@@ -34,3 +34,14 @@ def synthetic_keys() -> DataKeys:
 def synthetic_prep(synthetic_counts: AnnData, synthetic_keys: DataKeys) -> AnnData:
     """``preprocess(synthetic_counts, synthetic_keys, n_hvg=100)``: log1p float32 CSR, 100 genes, with a record."""
     return preprocess(synthetic_counts, synthetic_keys, n_hvg=100)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """The tests' tensors are tiny: one thread is faster and immune to oversubscription on shared 2-core boxes."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -53,7 +53,8 @@ class DiffusionConfig:
     p_uncond: float = 0.1
     p_drop_control: float = 0.0  # 1.0 for marginal pretraining
     sampler_steps: int = 50  # respaced DDIM steps
-    sampler_start: str = "truncated"  # "full": DDIM from t=T-1; "truncated": authors' start at t=99, step 1 (§8: better)
+    # "full": DDIM from t=T-1; "truncated": the authors' start at t=99 stepping by 1 (SPEC §8: better at w=0)
+    sampler_start: str = "truncated"
     truncated_start_t: int = 99
     guidance: float = 0.0  # w in (1+w)·ε_cond − w·ε_uncond; §8: choose on validation
     zero_threshold: float = 1e-4  # model-space values below this are set to 0 in outputs
@@ -183,7 +184,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model": {"hidden": 64, "depth": 2, "heads": 4, "cov_dim": 32},
         "data": {"set_size": 32, "batch_sets": 8},
-        "train": {"lr": 2e-3, "max_steps": 400, "val_every": 200, "warmup_steps": 50, "ema_decay": 0.99, "ema_every": 1},
+        "train": {"lr": 2e-3, "max_steps": 400, "val_every": 200, "warmup_steps": 50, "ema_decay": 0.99,
+                  "ema_every": 1},
     },
     "small": {
         "model": {"hidden": 256, "depth": 4, "heads": 8, "cov_dim": 64},

@@ -1,1 +1,8 @@
-"""perturbdiff.train"""
+"""Training: optimiser and LR schedule, EMA, checkpoints, the loop."""
+
+from perturbdiff.train._checkpoint import load_checkpoint, save_checkpoint
+from perturbdiff.train._ema import EMA
+from perturbdiff.train._loop import Trainer, TrainState
+from perturbdiff.train._optim import lr_factor, make_optimizer
+
+__all__ = ["EMA", "Trainer", "TrainState", "load_checkpoint", "save_checkpoint", "lr_factor", "make_optimizer"]

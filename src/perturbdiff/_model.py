@@ -1,0 +1,259 @@
+"""The public model object: ``PerturbDiff.from_config(cfg, adata, split)``, ``.train()``, ``.predict()``,
+``.save()``, ``PerturbDiff.load()`` (the habits of scvi-tools / CellFlow)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from perturbdiff import __version__
+from perturbdiff._errors import CheckpointError, DataError
+from perturbdiff._io import atomic_write_text
+from perturbdiff._logging import logger
+from perturbdiff.config import Config
+from perturbdiff.data import DataKeys, get_record
+from perturbdiff.data._sets import CellSetDataset, CellSetIndex, _as_csr
+from perturbdiff.data._split import Condition, Split
+from perturbdiff.data._vocab import Vocab
+from perturbdiff.diffusion import energy_distance, make_schedule
+from perturbdiff.nn import Denoiser
+from perturbdiff.predict import assemble, generate, majority, output_uns, plan_sets, with_controls
+from perturbdiff.train import Trainer, load_checkpoint
+from perturbdiff.train._checkpoint import save_checkpoint, split_prefix
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class PerturbDiff:
+    """A trained (or trainable) set-diffusion model with everything ``predict`` needs."""
+
+    def __init__(self, cfg: Config, network: Denoiser, vocab: Vocab, record: dict, *, split: Split | None = None,
+                 adata: AnnData | None = None, clip_max: float | None = None, summary: dict | None = None):
+        self.cfg, self.network, self.vocab, self.record = cfg, network, vocab, record
+        self.split, self.adata, self.clip_max = split, adata, clip_max
+        self.summary = summary or {}
+        self.keys = DataKeys.from_dict(record["keys"])
+        self.genes = [str(g) for g in record["genes"]]
+        self.scale = float(record.get("scale", 10.0))
+        self.sched = make_schedule(cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+        self.trainer: Trainer | None = None
+
+    # -- construction ----------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Config, adata: AnnData, split: Split) -> PerturbDiff:
+        """Build vocabularies from the split's training conditions and a freshly initialised denoiser."""
+        record = get_record(adata)
+        keys = DataKeys.from_dict(record["keys"])
+        split.check(adata, keys)
+        if list(adata.var_names) != [str(g) for g in record["genes"]]:
+            raise DataError("the AnnData's genes differ from its preprocessing record; re-run preprocess")
+        vocab = Vocab.build(adata, keys, split.train)
+        torch.manual_seed(cfg.train.seed)
+        network = Denoiser(cfg.model, adata.n_vars, vocab.sizes)
+        X = _as_csr(adata.X)
+        clip_max = float(X.max()) / float(record.get("scale", 10.0)) if X.nnz else None
+        summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
+                   "n_val_conditions": len(split.val), "n_test_conditions": len(split.test)}
+        return cls(cfg, network, vocab, record, split=split, adata=adata, clip_max=clip_max, summary=summary)
+
+    def _meta(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "record": self.record, "vocab": self.vocab.to_dict(),
+                "split": self.split.to_dict() if self.split else None, "clip_max": self.clip_max,
+                "summary": self.summary, "versions": {"perturbdiff": __version__, "torch": torch.__version__}}
+
+    # -- training --------------------------------------------------------------------------------------
+    def train(self, max_steps: int | None = None, out_dir: str | Path | None = None, *, progress: bool = True,
+              resume: bool = True, device: str | torch.device | None = None) -> PerturbDiff:
+        """Train on the split's training conditions (+ control→control sets); keeps best and last checkpoints."""
+        if self.adata is None or self.split is None:
+            raise DataError("training needs the AnnData and split given to PerturbDiff.from_config")
+        cfg = self.cfg
+        index = CellSetIndex.build(self.adata, self.keys, self.split.train, fraction=cfg.data.fraction,
+                                   seed=cfg.train.seed)
+        dataset = CellSetDataset(self.adata, index, self.vocab, set_size=cfg.data.set_size, seed=cfg.train.seed,
+                                 control_set_fraction=cfg.data.control_set_fraction, scale=self.scale)
+        out = Path(out_dir) if out_dir else None
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "config.toml", cfg.to_toml())
+            self.split.write(out / "split.json")
+        validate = self._validator(device) if self.split.val else None
+        self.trainer = Trainer(self.network, cfg, dataset, meta=self._meta, validate=validate, out_dir=out,
+                               device=device or default_device())
+        last = out / "last.safetensors" if out is not None else None
+        if resume and last is not None and last.exists():
+            self.trainer.resume(last)
+        logger.info("training %d sets/epoch of %d cells, %d parameters", len(dataset), cfg.data.set_size,
+                    sum(p.numel() for p in self.network.parameters()))
+        self.trainer.fit(max_steps, progress=progress)
+        self._use_ema()
+        return self
+
+    def _use_ema(self) -> None:
+        """After training, sample with the EMA weights (SPEC §3)."""
+        if self.trainer is not None:
+            self.network.load_state_dict(self.trainer.ema.state_dict())
+
+    def _validator(self, device):
+        """Cheap but meaningful score on validation conditions: energy distance and delta correlation."""
+        conds = self.split.val[: self.cfg.train.val_max_conditions]
+        index = CellSetIndex.build(self.adata, self.keys, conds)
+        S = self.cfg.data.set_size
+        n_cells = [min(len(g), 2 * S) for g in index.groups]
+        real = [_as_csr(self.adata.X[g[:n]]).toarray() / self.scale for g, n in zip(index.groups, n_cells)]
+        ctrl_mean = [np.asarray(_as_csr(self.adata.X[index.control_pool(i)]).mean(0)).ravel() / self.scale
+                     for i in range(len(conds))]
+
+        def validate(net: torch.nn.Module) -> dict:
+            pred = self._sample(net, index, conds, n_cells, n_samples=1, seed=0, progress=False, device=device)
+            eds, rs = [], []
+            for i, (r, p) in enumerate(zip(real, pred)):
+                eds.append(float(energy_distance(torch.from_numpy(p)[None], torch.from_numpy(r)[None])[0]))
+                rs.append(_pearson(p.mean(0) - ctrl_mean[i], r.mean(0) - ctrl_mean[i]))
+            ed, pdelta = float(np.mean(eds)), float(np.nanmean(rs))
+            return {"val_score": ed, "val_ed": ed, "val_pearson_delta": pdelta}
+
+        return validate
+
+    # -- prediction ------------------------------------------------------------------------------------
+    def _sample(self, net, index: CellSetIndex, conds: Sequence[Condition], n_cells: Sequence[int], *,
+                n_samples: int, seed: int, progress: bool, device=None, adata: AnnData | None = None):
+        """Generated model-space cells per (sample, condition): a list in plan order, trimmed to n_cells."""
+        adata = adata if adata is not None else self.adata
+        S = self.cfg.data.set_size
+        pools = [index.control_pool(i) for i in range(len(conds))]
+        rows, cond, sample = plan_sets(pools, n_cells, S, n_samples, seed)
+        cov = self._covariates(adata, conds, rows, cond)
+        cells = generate(net, self.sched, self.cfg.diffusion, adata.X, rows, cov, scale=self.scale,
+                         clip_max=self.clip_max, seed=seed, device=device or default_device(), progress=progress)
+        out = []
+        for k in range(n_samples):
+            for i, n in enumerate(n_cells):
+                sel = (cond == i) & (sample == k)
+                out.append(cells[sel].reshape(-1, cells.shape[2])[:n])
+        return out
+
+    def _covariates(self, adata: AnnData, conds, rows: np.ndarray, cond: np.ndarray) -> dict[str, np.ndarray]:
+        """Covariates per planned set; the batch of a set is the majority batch of its control cells."""
+        batch_values = None
+        if self.keys.batch_key is not None and self.keys.batch_key in adata.obs:
+            b = adata.obs[self.keys.batch_key].astype("category")
+            codes = majority(b.cat.codes.to_numpy()[rows])
+            cats = np.asarray(b.cat.categories.astype(str), dtype=object)
+            batch_values = [cats[c] if c >= 0 else None for c in codes]
+        cv = self.vocab.encode([conds[i] for i in cond], batch_values, None, unknown="unknown")
+        return {"pert": cv.pert, "context": cv.context, "batch": cv.batch, "dose": cv.dose}
+
+    def predict(self, conditions: Sequence[Condition] | None = None, *, subset: str = "test",
+                adata: AnnData | None = None, n_cells: int | Sequence[int] | None = None, n_samples: int = 1,
+                guidance: float | None = None, steps: int | None = None, start: str | None = None,
+                seed: int = 0, include_controls: bool = True, progress: bool = True,
+                device: str | torch.device | None = None) -> AnnData:
+        """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout."""
+        adata = adata if adata is not None else self.adata
+        if adata is None:
+            raise DataError("predict needs an AnnData with control cells (pass adata=)")
+        if conditions is None:
+            if self.split is None:
+                raise DataError("no conditions given and the model has no split")
+            conditions = self.split.subset(subset)
+        conditions = [(tuple(map(str, c)), str(p)) for c, p in conditions]
+        if not conditions:
+            raise DataError(f"no conditions to predict (subset {subset!r} is empty)")
+        self.vocab.encode_pert([p for _, p in conditions])  # unknown perturbations: a clear error, up front
+        index = CellSetIndex.build(adata, self.keys, conditions)
+        n_cells = self._n_cells(index, conditions, n_cells, subset)
+        saved = self.cfg.diffusion
+        self.cfg.diffusion = _with(saved, guidance=guidance, sampler_steps=steps, sampler_start=start)
+        try:
+            parts = self._sample(self.network, index, conditions, n_cells, n_samples=n_samples, seed=seed,
+                                 progress=progress, device=device, adata=adata)
+        finally:
+            settings = {"guidance": self.cfg.diffusion.guidance, "steps": self.cfg.diffusion.sampler_steps,
+                        "start": self.cfg.diffusion.sampler_start, "n_samples": n_samples, "seed": seed}
+            self.cfg.diffusion = saved
+        n = len(conditions)
+        pred = assemble([(j % n, j // n, cells) for j, cells in enumerate(parts)], conditions, self.genes,
+                        self.keys, scale=self.scale)
+        if include_controls:
+            pred = with_controls(pred, adata, self.keys, {c for c, _ in conditions})
+        pred.uns["perturbdiff"] = output_uns(self.record, **settings)
+        return pred
+
+    def _n_cells(self, index: CellSetIndex, conditions, n_cells, subset: str) -> list[int]:
+        """Cells to generate per condition: given, the split's test_n_cells, the real count, or the controls."""
+        if isinstance(n_cells, (int, np.integer)):
+            return [int(n_cells)] * len(conditions)
+        if n_cells is not None:
+            return [int(n) for n in n_cells]
+        if subset == "test" and self.split is not None and self.split.test_n_cells \
+                and list(conditions) == list(self.split.test):
+            return list(self.split.test_n_cells)
+        return [len(g) if len(g) else len(index.control_pool(i)) for i, g in enumerate(index.groups)]
+
+    # -- persistence -----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write the current (EMA after training) weights and metadata to one safetensors file."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path / "model.safetensors"
+        tensors = {f"ema.{k}": v for k, v in self.network.state_dict().items()}
+        return save_checkpoint(path, tensors, self._meta())
+
+    @classmethod
+    def load(cls, path: str | Path, *, adata: AnnData | None = None, which: str = "best") -> PerturbDiff:
+        """Load a run directory (``best``/``last``/``model`` checkpoint) or a ``.safetensors`` file; no pickle."""
+        path = _resolve_checkpoint(Path(path), which)
+        tensors, meta = load_checkpoint(path, prefixes=("ema.",))
+        cfg = Config.from_dict(meta["config"])
+        vocab = Vocab.from_dict(meta["vocab"])
+        network = Denoiser(cfg.model, len(meta["record"]["genes"]), vocab.sizes)
+        try:
+            network.load_state_dict(split_prefix(tensors, "ema"))
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit the recorded model configuration ({e})") from None
+        split = Split.from_dict(meta["split"]) if meta.get("split") else None
+        model = cls(cfg, network.eval(), vocab, meta["record"], split=split, adata=adata,
+                    clip_max=meta.get("clip_max"), summary=meta.get("summary"))
+        model.checkpoint_meta = {k: meta.get(k) for k in ("state", "versions")}
+        return model
+
+    def info(self) -> dict[str, Any]:
+        """What the model knows: genes, perturbations, contexts, preprocessing, split, versions."""
+        return {"n_genes": len(self.genes), "genes": self.genes, "perturbations": self.vocab.pert[2:],
+                "control": self.vocab.control, "contexts": {k: v[1:] for k, v in
+                                                            zip(self.keys.context_keys, self.vocab.contexts)},
+                "batches": self.vocab.batch[1:], "keys": self.keys.to_dict(), "record": self.record,
+                "split": self.split.summary() if self.split else None, "summary": self.summary,
+                "config": self.cfg.to_dict(), **getattr(self, "checkpoint_meta", {})}
+
+
+def _resolve_checkpoint(path: Path, which: str) -> Path:
+    if path.is_dir():
+        for name in (which, "best", "last", "model"):
+            if (path / f"{name}.safetensors").exists():
+                return path / f"{name}.safetensors"
+        raise CheckpointError(f"no checkpoint (best/last/model.safetensors) in {path}")
+    return path
+
+
+def _with(dcfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(dcfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = math.sqrt(float((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+

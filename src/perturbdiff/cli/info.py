@@ -1,0 +1,36 @@
+"""``perturbdiff info``: what a trained run knows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run directory or .safetensors checkpoint")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the run")
+    p.add_argument("--json", action="store_true", help="print everything as JSON (genes included)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from perturbdiff import PerturbDiff
+
+    info = PerturbDiff.load(args.run, which=args.checkpoint).info()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    rec = info["record"]
+    print(f"genes: {info['n_genes']} ({', '.join(info['genes'][:5])}, ...)")
+    print(f"perturbations seen in training ({len(info['perturbations'])}): {', '.join(info['perturbations'])}")
+    print(f"control value: {info['control']}")
+    for col, vals in info["contexts"].items():
+        print(f"context {col!r} ({len(vals)}): {', '.join(vals)}")
+    print(f"keys: {json.dumps(info['keys'])}")
+    print(f"preprocessing: input {rec.get('input_kind')}, normalize {rec.get('normalize')}, "
+          f"log1p {rec.get('log1p')}, scale {rec.get('scale')}, genes by {rec.get('gene_selection', {})}")
+    print(f"split: {info['split']}")
+    print(f"training data: {json.dumps(info['summary'])}")
+    state = info.get("state") or {}
+    print(f"trained steps: {state.get('step')}, best step {state.get('best_step')}")
+    print(f"versions: {json.dumps(info.get('versions'))}")
+    return 0

@@ -1,0 +1,147 @@
+"""Training: LR schedule, learning on a planted effect, exact resume, safe and atomic checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+import perturbdiff.train._checkpoint as ckpt
+from perturbdiff import CheckpointError, Config, PerturbDiff
+from perturbdiff.data import DataKeys, preprocess
+from perturbdiff.data._split import Split
+from perturbdiff.train import load_checkpoint, lr_factor
+
+SHIFTED = np.arange(8)  # genes the perturbation "UP" raises
+
+
+def planted_data(n_per_group: int = 96, n_genes: int = 40, seed: int = 0) -> tuple[AnnData, Split]:
+    """Two contexts; perturbation UP adds +2 (log1p) to genes 0-7; DOWN silences genes 8-15."""
+    rng = np.random.default_rng(seed)
+    groups = [(ctx, p) for ctx in ("A", "B") for p in ("control", "UP", "DOWN")]
+    blocks, obs = [], []
+    for ctx, p in groups:
+        base = rng.gamma(2.0, 0.5, size=(n_per_group, n_genes)) * (rng.random((n_per_group, n_genes)) < 0.5)
+        base += 0.5 if ctx == "B" else 0.0
+        if p == "UP":
+            base[:, SHIFTED] += 2.0
+        if p == "DOWN":
+            base[:, 8:16] = 0.0
+        blocks.append(base)
+        obs += [(ctx, p)] * n_per_group
+    X = sp.csr_matrix(np.vstack(blocks).astype(np.float32))
+    obs_df = pd.DataFrame(obs, columns=["cell_type", "perturbation"]).astype("category")
+    obs_df.index = obs_df.index.astype(str)
+    adata = AnnData(X=X, obs=obs_df, var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    keys = DataKeys("perturbation", "control", ("cell_type",), "log1p")
+    prep = preprocess(adata, keys, var_names=list(adata.var_names))
+    split = Split(name="planted", pert_col="perturbation", control="control", context_cols=["cell_type"],
+                  train=[(("A",), "UP"), (("B",), "UP"), (("A",), "DOWN")], val=[(("B",), "DOWN")],
+                  test=[(("B",), "DOWN")])
+    return prep, split
+
+
+def tiny_config(**train) -> Config:
+    cfg = Config.from_preset("tiny").update({"data": {"set_size": 16, "batch_sets": 8}})
+    return cfg.update({"train": {"max_steps": 200, "val_every": 100, "log_every": 10, "warmup_steps": 20, **train}})
+
+
+def test_lr_schedule_warmup_plateau_cosine():
+    cfg = tiny_config(max_steps=1000, warmup_steps=100, plateau_fraction=0.5, min_lr_ratio=0.1).train
+    assert lr_factor(0, cfg) == pytest.approx(0.01)
+    assert lr_factor(99, cfg) == pytest.approx(1.0)
+    assert lr_factor(400, cfg) == pytest.approx(1.0)  # plateau: 100 .. 550
+    assert 0.1 < lr_factor(800, cfg) < 1.0
+    assert lr_factor(999, cfg) == pytest.approx(0.1, abs=1e-3)
+
+
+def _pseudobulk_error(model: PerturbDiff, adata: AnnData, cond) -> float:
+    pred = model.predict([cond], n_cells=64, include_controls=False, progress=False)
+    real = adata[(adata.obs["cell_type"] == cond[0][0]).to_numpy() & (adata.obs["perturbation"] == cond[1]).to_numpy()]
+    return float(np.mean((pred.X.toarray().mean(0) - real.X.toarray().mean(0)) ** 2))
+
+
+def test_training_lowers_loss_and_moves_samples_toward_the_condition(tmp_path):
+    adata, split = planted_data()
+    model = PerturbDiff.from_config(tiny_config(), adata, split)
+    cond = (("B",), "UP")
+    before = _pseudobulk_error(model, adata, cond)
+    model.train(out_dir=tmp_path, progress=False)
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert log["loss"].iloc[-3:].mean() < 0.7 * log["loss"].iloc[:2].mean()
+    after = _pseudobulk_error(model, adata, cond)
+    assert after < 0.3 * before, (before, after)
+    pred = model.predict([cond], n_cells=64, include_controls=False, progress=False).X.toarray().mean(0)
+    ctrl = adata[(adata.obs["cell_type"] == "B").to_numpy() & (adata.obs["perturbation"] == "control").to_numpy()]
+    shift = pred - ctrl.X.toarray().mean(0)
+    assert shift[SHIFTED].mean() > 1.0 > abs(np.delete(shift, SHIFTED).mean())
+
+
+def test_resume_gives_the_same_next_steps_as_an_unbroken_run(tmp_path):
+    adata, split = planted_data(n_per_group=40)
+    cfg = tiny_config(max_steps=6, val_every=3, log_every=1)
+    full = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "a", progress=False)
+    PerturbDiff.from_config(cfg, adata, split).train(max_steps=3, out_dir=tmp_path / "b", progress=False)
+    resumed = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "b", progress=False)
+    la, lb = pd.read_csv(tmp_path / "a" / "log.csv"), pd.read_csv(tmp_path / "b" / "log.csv")
+    assert list(lb["step"]) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal(la["loss"].to_numpy(), lb["loss"].to_numpy())
+    for (k, v), w in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
+def test_checkpoint_round_trip_and_prediction_is_deterministic(tmp_path):
+    adata, split = planted_data(n_per_group=40)
+    model = PerturbDiff.from_config(tiny_config(max_steps=4, val_every=2), adata, split)
+    model.train(out_dir=tmp_path, progress=False)
+    loaded = PerturbDiff.load(tmp_path, adata=adata, which="last")
+    a = model.predict(progress=False, seed=3)
+    b = loaded.predict(progress=False, seed=3)
+    np.testing.assert_array_equal(a.X.toarray(), b.X.toarray())
+    assert loaded.vocab.to_dict() == model.vocab.to_dict()
+    assert loaded.genes == list(adata.var_names)
+
+
+def test_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "best.safetensors"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
+        PerturbDiff.load(tmp_path)
+    path.write_bytes(b"\x80\x04K\x01.")  # a bare pickle stream
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(path)
+
+
+def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.safetensors"
+    ckpt.save_checkpoint(path, {"w": torch.ones(4)}, {"step": 1})
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(path, {"w": torch.zeros(4)}, {"step": 2})
+    tensors, meta = load_checkpoint(path)
+    assert meta["step"] == 1 and torch.equal(tensors["w"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # no temp file left behind
+
+
+def test_prediction_layout(tmp_path):
+    adata, split = planted_data(n_per_group=40)
+    model = PerturbDiff.from_config(tiny_config(max_steps=2, val_every=2), adata, split)
+    model.train(progress=False)
+    pred = model.predict([(("A",), "UP"), (("B",), "UP")], n_cells=[10, 23], n_samples=2, progress=False)
+    p = pred.obs[pred.obs["predicted"]]
+    assert p.groupby(["cell_type", "perturbation", "sample"], observed=True).size().to_dict() == {
+        ("A", "UP", 0): 10, ("A", "UP", 1): 10, ("B", "UP", 0): 23, ("B", "UP", 1): 23}
+    ctrl = pred.obs[~pred.obs["predicted"]]
+    assert set(ctrl["perturbation"]) == {"control"} and len(ctrl) == 80  # both contexts' controls
+    assert list(pred.var_names) == list(adata.var_names)
+    assert pred.uns["perturbdiff"]["scale"] == "log1p"
+    assert pred.X.min() >= 0
