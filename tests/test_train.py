@@ -10,7 +10,7 @@ import torch
 from anndata import AnnData
 
 import perturbdiff.train._checkpoint as ckpt
-from perturbdiff import CheckpointError, Config, PerturbDiff
+from perturbdiff import CheckpointError, Config, DataError, PerturbDiff
 from perturbdiff.data import DataKeys, preprocess
 from perturbdiff.data._split import Split
 from perturbdiff.train import load_checkpoint, lr_factor
@@ -145,3 +145,17 @@ def test_prediction_layout(tmp_path):
     assert list(pred.var_names) == list(adata.var_names)
     assert pred.uns["perturbdiff"]["scale"] == "log1p"
     assert pred.X.min() >= 0
+
+
+def test_external_embedding_table_makes_an_unseen_perturbation_representable(tmp_path):
+    adata, split = planted_data(n_per_group=40)
+    table = pd.DataFrame(np.eye(4, dtype=np.float32), index=["UP", "DOWN", "NEW", "OTHER"])
+    table.to_csv(tmp_path / "emb.tsv", sep="\t")
+    cfg = tiny_config(max_steps=2, val_every=2).update({"model": {"pert_embedding": str(tmp_path / "emb.tsv")}})
+    model = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "run", progress=False)
+    pred = model.predict([(("A",), "NEW+UP")], n_cells=5, include_controls=False, progress=False)
+    assert pred.n_obs == 5
+    loaded = PerturbDiff.load(tmp_path / "run", adata=adata)
+    assert "NEW" in loaded.info()["representable"] and "NEW" not in loaded.info()["perturbations"]
+    with pytest.raises(DataError, match="'MISSING'"):
+        loaded.predict([(("A",), "MISSING")], n_cells=5, progress=False)

@@ -36,10 +36,11 @@ TRAIN = [(("T",), "A"), (("T",), "B"), (("B",), "A+B")]
 
 def test_build_from_training_conditions(adata):
     v = Vocab.build(adata, KEYS, TRAIN)
-    assert v.pert == ["<pad>", "control", "A", "B"]  # Z only in non-training conditions: not known
+    assert v.pert == ["<pad>", "control", "<unknown>", "A", "B"]  # Z only in non-training conditions: not known
+    assert v.perturbations == ["A", "B"]
     assert v.contexts == [["<unknown>", "B", "T"]]  # contexts from all cells
     assert v.batch == ["<unknown>", "b1", "b2"] and v.dose == ["<none>", "0", "1.0", "10.0"]
-    assert v.sizes == {"pert": 4, "contexts": [3], "batch": 3, "dose": 4}
+    assert v.sizes == {"pert": 5, "contexts": [3], "batch": 3, "dose": 4}
 
 
 def test_no_batch_or_dose_key(adata):
@@ -52,7 +53,7 @@ def test_no_batch_or_dose_key(adata):
 def test_encode_combinations_and_control(adata):
     v = Vocab.build(adata, KEYS, TRAIN)
     cov = v.encode([(("T",), "A+B"), (("B",), "control"), (("T",), "B")], ["b2", "b1", "b1"], ["10.0", None, "1.0"])
-    assert cov.pert.dtype == np.int64 and cov.pert.tolist() == [[2, 3], [1, 0], [3, 0]]
+    assert cov.pert.dtype == np.int64 and cov.pert.tolist() == [[3, 4], [1, 0], [4, 0]]
     assert cov.context.tolist() == [[2], [1], [2]]
     assert cov.batch.tolist() == [2, 1, 1] and cov.dose.tolist() == [3, 0, 2]
     assert len(cov) == 3
@@ -72,7 +73,7 @@ def test_unknown_context_and_batch(adata):
     with pytest.raises(DataError, match="b9"):
         v.encode([(("T",), "A")], batch_values=["b9"])
     cov = v.encode([(("Kidney",), "A")], batch_values=["b9"], unknown="unknown")
-    assert cov.context.tolist() == [[0]] and cov.batch.tolist() == [0] and cov.pert.tolist() == [[2]]
+    assert cov.context.tolist() == [[0]] and cov.batch.tolist() == [0] and cov.pert.tolist() == [[3]]
 
 
 def test_json_roundtrip(adata):
@@ -82,3 +83,13 @@ def test_json_roundtrip(adata):
     conds = [(("B",), "A+B"), (("T",), "control")]
     a, b = v.encode(conds, ["b1", "b2"]), back.encode(conds, ["b1", "b2"])
     assert np.array_equal(a.pert, b.pert) and np.array_equal(a.batch, b.batch)
+
+
+def test_unseen_perturbation_maps_to_the_generic_token_only_when_asked(adata, caplog):
+    v = Vocab.build(adata, KEYS, TRAIN)
+    with pytest.raises(DataError, match="'Z'"):
+        v.encode_pert(["A+Z"])
+    with caplog.at_level("WARNING", logger="perturbdiff"):
+        table = v.encode_pert(["A+Z"], unknown="generic")
+    assert table.tolist() == [[v.pert.index("A"), v.pert.index("<unknown>")]]
+    assert "'Z'" in caplog.text

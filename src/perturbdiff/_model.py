@@ -18,8 +18,9 @@ from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
 from perturbdiff.config import Config
 from perturbdiff.data import DataKeys, get_record
+from perturbdiff.data._embeddings import align_table, read_embedding_table
 from perturbdiff.data._sets import CellSetDataset, CellSetIndex, _as_csr
-from perturbdiff.data._split import Condition, Split
+from perturbdiff.data._split import Condition, Split, training_mask
 from perturbdiff.data._vocab import Vocab
 from perturbdiff.diffusion import energy_distance, make_schedule
 from perturbdiff.nn import Denoiser
@@ -36,10 +37,11 @@ class PerturbDiff:
     """A trained (or trainable) set-diffusion model with everything ``predict`` needs."""
 
     def __init__(self, cfg: Config, network: Denoiser, vocab: Vocab, record: dict, *, split: Split | None = None,
-                 adata: AnnData | None = None, clip_max: float | None = None, summary: dict | None = None):
+                 adata: AnnData | None = None, clip_max: float | None = None, summary: dict | None = None,
+                 zero_level: float = 0.0):
         self.cfg, self.network, self.vocab, self.record = cfg, network, vocab, record
         self.split, self.adata, self.clip_max = split, adata, clip_max
-        self.summary = summary or {}
+        self.summary, self.zero_level = summary or {}, float(zero_level)
         self.keys = DataKeys.from_dict(record["keys"])
         self.genes = [str(g) for g in record["genes"]]
         self.scale = float(record.get("scale", 10.0))
@@ -56,18 +58,34 @@ class PerturbDiff:
         if list(adata.var_names) != [str(g) for g in record["genes"]]:
             raise DataError("the AnnData's genes differ from its preprocessing record; re-run preprocess")
         vocab = Vocab.build(adata, keys, split.train)
+        seen = vocab.perturbations
+        table = None
+        if cfg.model.pert_embedding:
+            labels, mat = read_embedding_table(cfg.model.pert_embedding)
+            vocab.pert += [lab for lab in labels if lab not in set(vocab.pert)]  # representable through the table
+            table = torch.from_numpy(align_table(vocab.pert, labels, mat))
+            logger.info("perturbation embeddings %s: %d labels, %d of them not seen in training",
+                        cfg.model.pert_embedding, len(labels), len(vocab.pert) - 3 - len(seen))
         torch.manual_seed(cfg.train.seed)
-        network = Denoiser(cfg.model, adata.n_vars, vocab.sizes)
-        X = _as_csr(adata.X)
-        clip_max = float(X.max()) / float(record.get("scale", 10.0)) if X.nnz else None
+        network = Denoiser(cfg.model, adata.n_vars, vocab.sizes, pert_table=table)
+        if table is not None:  # table-only labels: their learned part starts at zero, only the table speaks
+            with torch.no_grad():
+                network.cov_encoder.pert.weight[3 + len(seen):] = 0.0
+        X = _as_csr(adata.X)[training_mask(adata, keys, split)]
+        scale = float(record.get("scale", 10.0))
+        clip_max = float(X.max()) / scale if X.nnz else None
+        zero_level = float(np.quantile(X.data, 0.01)) if X.nnz else 0.0  # lowest real non-zero level (log1p)
         summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
                    "n_val_conditions": len(split.val), "n_test_conditions": len(split.test)}
-        return cls(cfg, network, vocab, record, split=split, adata=adata, clip_max=clip_max, summary=summary)
+        summary["seen_perturbations"] = seen
+        return cls(cfg, network, vocab, record, split=split, adata=adata, clip_max=clip_max, summary=summary,
+                   zero_level=zero_level)
 
     def _meta(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "record": self.record, "vocab": self.vocab.to_dict(),
                 "split": self.split.to_dict() if self.split else None, "clip_max": self.clip_max,
-                "summary": self.summary, "versions": {"perturbdiff": __version__, "torch": torch.__version__}}
+                "zero_level": self.zero_level, "summary": self.summary,
+                "versions": {"perturbdiff": __version__, "torch": torch.__version__}}
 
     # -- training --------------------------------------------------------------------------------------
     def train(self, max_steps: int | None = None, out_dir: str | Path | None = None, *, progress: bool = True,
@@ -133,13 +151,20 @@ class PerturbDiff:
         rows, cond, sample = plan_sets(pools, n_cells, S, n_samples, seed)
         cov = self._covariates(adata, conds, rows, cond)
         cells = generate(net, self.sched, self.cfg.diffusion, adata.X, rows, cov, scale=self.scale,
-                         clip_max=self.clip_max, seed=seed, device=device or default_device(), progress=progress)
+                         clip_max=self.clip_max, zero_threshold=self.zero_threshold(), seed=seed,
+                         device=device or default_device(), progress=progress)
         out = []
         for k in range(n_samples):
             for i, n in enumerate(n_cells):
                 sel = (cond == i) & (sample == k)
                 out.append(cells[sel].reshape(-1, cells.shape[2])[:n])
         return out
+
+    def zero_threshold(self) -> float:
+        """Model-space values below this become 0: the configured floor, or half the lowest real level."""
+        dcfg = self.cfg.diffusion
+        auto = 0.5 * self.zero_level / self.scale if dcfg.auto_zero else 0.0
+        return max(dcfg.zero_threshold, auto)
 
     def _covariates(self, adata: AnnData, conds, rows: np.ndarray, cond: np.ndarray) -> dict[str, np.ndarray]:
         """Covariates per planned set; the batch of a set is the majority batch of its control cells."""
@@ -188,6 +213,12 @@ class PerturbDiff:
         pred.uns["perturbdiff"] = output_uns(self.record, **settings)
         return pred
 
+    def predict_for_controls(self, controls: AnnData, perturbations: Sequence[str], **kw) -> AnnData:
+        """Predict responses for your own control cells (see ``perturbdiff._apply.predict_for_controls``)."""
+        from perturbdiff import _apply
+
+        return _apply.predict_for_controls(self, controls, perturbations, **kw)
+
     def _n_cells(self, index: CellSetIndex, conditions, n_cells, subset: str) -> list[int]:
         """Cells to generate per condition: given, the split's test_n_cells, the real count, or the controls."""
         if isinstance(n_cells, (int, np.integer)):
@@ -215,22 +246,26 @@ class PerturbDiff:
         tensors, meta = load_checkpoint(path, prefixes=("ema.",))
         cfg = Config.from_dict(meta["config"])
         vocab = Vocab.from_dict(meta["vocab"])
-        network = Denoiser(cfg.model, len(meta["record"]["genes"]), vocab.sizes)
+        table = tensors.get("ema.cov_encoder.pert_table")
+        network = Denoiser(cfg.model, len(meta["record"]["genes"]), vocab.sizes,
+                           pert_table=None if table is None else torch.zeros_like(table))
         try:
             network.load_state_dict(split_prefix(tensors, "ema"))
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not fit the recorded model configuration ({e})") from None
         split = Split.from_dict(meta["split"]) if meta.get("split") else None
         model = cls(cfg, network.eval(), vocab, meta["record"], split=split, adata=adata,
-                    clip_max=meta.get("clip_max"), summary=meta.get("summary"))
+                    clip_max=meta.get("clip_max"), summary=meta.get("summary"),
+                    zero_level=meta.get("zero_level", 0.0))
         model.checkpoint_meta = {k: meta.get(k) for k in ("state", "versions")}
         return model
 
     def info(self) -> dict[str, Any]:
         """What the model knows: genes, perturbations, contexts, preprocessing, split, versions."""
-        return {"n_genes": len(self.genes), "genes": self.genes, "perturbations": self.vocab.pert[2:],
-                "control": self.vocab.control, "contexts": {k: v[1:] for k, v in
-                                                            zip(self.keys.context_keys, self.vocab.contexts)},
+        seen = self.summary.get("seen_perturbations", self.vocab.perturbations)
+        contexts = {k: v[1:] for k, v in zip(self.keys.context_keys, self.vocab.contexts)}
+        return {"n_genes": len(self.genes), "genes": self.genes, "perturbations": seen,
+                "representable": self.vocab.perturbations, "control": self.vocab.control, "contexts": contexts,
                 "batches": self.vocab.batch[1:], "keys": self.keys.to_dict(), "record": self.record,
                 "split": self.split.summary() if self.split else None, "summary": self.summary,
                 "config": self.cfg.to_dict(), **getattr(self, "checkpoint_meta", {})}

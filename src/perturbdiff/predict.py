@@ -39,7 +39,8 @@ def plan_sets(pools: Sequence[np.ndarray], n_cells: Sequence[int], S: int, n_sam
 
 @torch.no_grad()
 def generate(network: torch.nn.Module, sched: Schedule, dcfg: DiffusionConfig, X, control_rows: np.ndarray,
-             cov: dict[str, np.ndarray], *, scale: float, clip_max: float | None = None, seed: int = 0,
+             cov: dict[str, np.ndarray], *, scale: float, clip_max: float | None = None,
+             zero_threshold: float | None = None, seed: int = 0,
              batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
     """DDIM-sample one target set per row of ``control_rows`` [N, S]; returns model-space cells [N, S, G]."""
     X, device = _as_csr(X), torch.device(device)
@@ -54,7 +55,8 @@ def generate(network: torch.nn.Module, sched: Schedule, dcfg: DiffusionConfig, X
         gen = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + c)
         x0 = ddim_sample(network, sched, ctrl.to(device), cv, steps=dcfg.sampler_steps, guidance=dcfg.guidance,
                          start=dcfg.sampler_start, truncated_start_t=dcfg.truncated_start_t, generator=gen,
-                         zero_threshold=dcfg.zero_threshold, clip_max=clip_max)
+                         zero_threshold=dcfg.zero_threshold if zero_threshold is None else zero_threshold,
+                         clip_max=clip_max)
         out[sl] = x0.float().cpu().numpy()
     return out
 

@@ -377,3 +377,10 @@ def make_split(
         strategy=strategy,
         extra={"holdout": holdout},
     )
+
+
+def training_mask(adata, keys: DataKeys, split: Split) -> np.ndarray:
+    """Cells a model may learn from: the split's training conditions plus every control cell."""
+    code, present = condition_codes(adata, keys)
+    train = set(split.train)
+    return np.isin(code, [i for i, (c, p) in enumerate(present) if (c, p) in train or p == keys.control_value])

@@ -10,10 +10,12 @@ import numpy as np
 import pandas as pd
 
 from perturbdiff._errors import DataError
+from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._split import Condition, obs_codes
 
 PAD, UNKNOWN, NONE = "<pad>", "<unknown>", "<none>"
+GENERIC = 2  # pert index of <unknown>: a generic perturbation, trained by perturbation dropout
 
 
 def pert_parts(label: str) -> list[str]:
@@ -58,7 +60,7 @@ class Vocab:
         batch = [UNKNOWN, *_observed(adata, keys.batch_key)] if keys.batch_key else [NONE]
         dose = [NONE, *_observed(adata, keys.dose_key)] if keys.dose_key else [NONE]
         return cls(
-            pert=[PAD, keys.control_value, *sorted(parts)],
+            pert=[PAD, keys.control_value, UNKNOWN, *sorted(parts)],
             contexts=[[UNKNOWN, *_observed(adata, k)] for k in keys.context_keys],
             batch=batch,
             dose=dose,
@@ -95,14 +97,26 @@ class Vocab:
         )
 
     # -- encoding ----------------------------------------------------------------------------------------
-    def encode_pert(self, labels: Sequence[str]) -> np.ndarray:
-        """[N, P] part indices; a part never seen in training raises DataError (never mapped silently)."""
-        lookup = {p: i for i, p in enumerate(self.pert) if i > 0}
+    @property
+    def perturbations(self) -> list[str]:
+        """Perturbation parts with a learned embedding (seen in training)."""
+        return [p for p in self.pert[2:] if p != UNKNOWN]
+
+    def encode_pert(self, labels: Sequence[str], unknown: str = "error") -> np.ndarray:
+        """[N, P] part indices; a part never seen in training raises DataError (never mapped silently),
+        or, only when asked with ``unknown="generic"``, maps to the generic <unknown> token (logged)."""
+        lookup = {p: i for i, p in enumerate(self.pert) if i > 0 and p != UNKNOWN}
+        generic = self.pert.index(UNKNOWN) if unknown == "generic" and UNKNOWN in self.pert else None
         uniq, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
         rows = []
         for label in uniq.tolist():
             parts = [label] if label == self.control else pert_parts(label)
             missing = [q for q in parts if q not in lookup]
+            if missing and generic is not None:
+                logger.warning("perturbation %s (in %r) was not seen in training: using the generic perturbation "
+                               "token", ", ".join(map(repr, missing)), label)
+                rows.append([lookup.get(q, generic) for q in parts])
+                continue
             if missing or not parts:
                 name = ", ".join(map(repr, missing)) or repr(label)
                 raise DataError(f"perturbation {name} (in {label!r}) was not seen in training: no learned embedding")

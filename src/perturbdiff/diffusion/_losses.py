@@ -156,4 +156,18 @@ def training_loss(
     with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.ed_weight != 0):
         ed = energy_distance(xe, ye, cell_w, cell_w).mean()
     loss = mse + cfg.ed_weight * ed
-    return loss, {"mse": float(mse.detach()), "ed": float(ed.detach()), "loss": float(loss.detach())}
+    parts = {"mse": float(mse.detach()), "ed": float(ed.detach())}
+    if cfg.mean_weight:
+        mean_err = _set_mean_error(x0_hat, x0, cell_w, gene_w)
+        loss = loss + cfg.mean_weight * mean_err
+        parts["mean"] = float(mean_err.detach())
+    return loss, {**parts, "loss": float(loss.detach())}
+
+
+def _set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
+    """Squared error of the set means (pseudobulks) per gene: the population shift, weighted like the MSE."""
+    w = cell_w / cell_w.sum(1, keepdim=True).clamp_min(1.0)  # (B, S)
+    diff = torch.einsum("bs,bsg->bg", w, pred - target).pow(2)  # (B, G)
+    if gene_w is None:
+        return diff.mean()
+    return (diff * gene_w).sum() / gene_w.sum().clamp_min(1.0)

@@ -40,7 +40,8 @@ class Denoiser(nn.Module):
         self.ctrl_in = nn.Linear(n_genes, h)
         self.t_embed = TimestepEmbedder(h)
         self.cov_encoder = CovariateEncoder(
-            vocab_sizes, cfg.cov_dim, h, pert_table=pert_table, context_dropout=cfg.context_dropout
+            vocab_sizes, cfg.cov_dim, h, pert_table=pert_table, context_dropout=cfg.context_dropout,
+            pert_dropout=cfg.pert_dropout
         )
         self.blocks = nn.ModuleList(TwoStreamBlock(h, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(h, n_genes)

@@ -48,8 +48,10 @@ class CovariateEncoder(nn.Module):
         *,
         pert_table: torch.Tensor | None = None,
         context_dropout: float = 0.0,
+        pert_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.pert_dropout = float(pert_dropout)
         contexts = list(vocab_sizes.get("contexts", []))
         self.context_dropout = float(context_dropout)
         self.pert = nn.Embedding(int(vocab_sizes["pert"]), cov_dim)
@@ -69,9 +71,16 @@ class CovariateEncoder(nn.Module):
         self.null = nn.Parameter(torch.zeros(hidden))
 
     def _pert(self, pert: torch.Tensor) -> torch.Tensor:
-        """Sum over parts of (learned + projected frozen) embeddings; padding index 0 masked out."""
+        """Sum over parts of (learned + projected frozen) embeddings; padding index 0 masked out.
+
+        In training mode each perturbation part (index > 2) becomes the generic token 2 with probability
+        `pert_dropout`, so a perturbation never seen in training can be predicted as "a generic perturbation".
+        """
         if pert.ndim == 1:
             pert = pert[:, None]  # (B, P)
+        if self.training and self.pert_dropout > 0.0 and self.pert.num_embeddings > 3:
+            drop = (torch.rand(pert.shape, device=pert.device) < self.pert_dropout) & (pert > 2)
+            pert = pert.masked_fill(drop, 2)
         emb = self.pert(pert)  # (B, P, D)
         if self.pert_proj is not None:
             emb = emb + self.pert_proj(self.pert_table[pert])  # (B, P, D)
