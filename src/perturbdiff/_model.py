@@ -143,13 +143,14 @@ class PerturbDiff:
 
     # -- prediction ------------------------------------------------------------------------------------
     def _sample(self, net, index: CellSetIndex, conds: Sequence[Condition], n_cells: Sequence[int], *,
-                n_samples: int, seed: int, progress: bool, device=None, adata: AnnData | None = None):
+                n_samples: int, seed: int, progress: bool, device=None, adata: AnnData | None = None,
+                unknown_pert: str = "error"):
         """Generated model-space cells per (sample, condition): a list in plan order, trimmed to n_cells."""
         adata = adata if adata is not None else self.adata
         S = self.cfg.data.set_size
         pools = [index.control_pool(i) for i in range(len(conds))]
         rows, cond, sample = plan_sets(pools, n_cells, S, n_samples, seed)
-        cov = self._covariates(adata, conds, rows, cond)
+        cov = self._covariates(adata, conds, rows, cond, unknown_pert)
         cells = generate(net, self.sched, self.cfg.diffusion, adata.X, rows, cov, scale=self.scale,
                          clip_max=self.clip_max, zero_threshold=self.zero_threshold(), seed=seed,
                          device=device or default_device(), progress=progress)
@@ -166,7 +167,8 @@ class PerturbDiff:
         auto = 0.5 * self.zero_level / self.scale if dcfg.auto_zero else 0.0
         return max(dcfg.zero_threshold, auto)
 
-    def _covariates(self, adata: AnnData, conds, rows: np.ndarray, cond: np.ndarray) -> dict[str, np.ndarray]:
+    def _covariates(self, adata: AnnData, conds, rows: np.ndarray, cond: np.ndarray,
+                    unknown_pert: str = "error") -> dict[str, np.ndarray]:
         """Covariates per planned set; the batch of a set is the majority batch of its control cells."""
         batch_values = None
         if self.keys.batch_key is not None and self.keys.batch_key in adata.obs:
@@ -174,15 +176,20 @@ class PerturbDiff:
             codes = majority(b.cat.codes.to_numpy()[rows])
             cats = np.asarray(b.cat.categories.astype(str), dtype=object)
             batch_values = [cats[c] if c >= 0 else None for c in codes]
-        cv = self.vocab.encode([conds[i] for i in cond], batch_values, None, unknown="unknown")
+        cv = self.vocab.encode([conds[i] for i in cond], batch_values, None, unknown="unknown",
+                               unknown_pert=unknown_pert)
         return {"pert": cv.pert, "context": cv.context, "batch": cv.batch, "dose": cv.dose}
 
     def predict(self, conditions: Sequence[Condition] | None = None, *, subset: str = "test",
                 adata: AnnData | None = None, n_cells: int | Sequence[int] | None = None, n_samples: int = 1,
                 guidance: float | None = None, steps: int | None = None, start: str | None = None,
                 seed: int = 0, include_controls: bool = True, progress: bool = True,
-                device: str | torch.device | None = None) -> AnnData:
-        """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout."""
+                device: str | torch.device | None = None, unknown_perturbations: str = "error") -> AnnData:
+        """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout.
+
+        A perturbation part never seen in training (and absent from the embedding table) is an error naming it;
+        ``unknown_perturbations="generic"`` instead predicts it as the generic perturbation token (logged).
+        """
         adata = adata if adata is not None else self.adata
         if adata is None:
             raise DataError("predict needs an AnnData with control cells (pass adata=)")
@@ -193,14 +200,15 @@ class PerturbDiff:
         conditions = [(tuple(map(str, c)), str(p)) for c, p in conditions]
         if not conditions:
             raise DataError(f"no conditions to predict (subset {subset!r} is empty)")
-        self.vocab.encode_pert([p for _, p in conditions])  # unknown perturbations: a clear error, up front
+        self.vocab.encode_pert([p for _, p in conditions], unknown_perturbations)  # unknown: clear error, up front
         index = CellSetIndex.build(adata, self.keys, conditions)
         n_cells = self._n_cells(index, conditions, n_cells, subset)
         saved = self.cfg.diffusion
         self.cfg.diffusion = _with(saved, guidance=guidance, sampler_steps=steps, sampler_start=start)
         try:
             parts = self._sample(self.network, index, conditions, n_cells, n_samples=n_samples, seed=seed,
-                                 progress=progress, device=device, adata=adata)
+                                 progress=progress, device=device, adata=adata,
+                                 unknown_pert=unknown_perturbations)
         finally:
             settings = {"guidance": self.cfg.diffusion.guidance, "steps": self.cfg.diffusion.sampler_steps,
                         "start": self.cfg.diffusion.sampler_start, "n_samples": n_samples, "seed": seed}

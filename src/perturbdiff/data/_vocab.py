@@ -143,6 +143,7 @@ class Vocab:
         batch_values: Sequence[Any] | None = None,
         dose_values: Sequence[Any] | None = None,
         unknown: str = "error",
+        unknown_pert: str = "error",
     ) -> Covariates:
         """Integer covariates of conditions; unseen contexts/batches/doses raise or map to 0 (``unknown``)."""
         if unknown not in ("error", "unknown"):
@@ -161,5 +162,5 @@ class Vocab:
         dose = np.zeros(n, dtype=np.int64)
         if dose_values is not None:
             dose = self._lookup(self.dose, list(dose_values), "dose", unknown)
-        pert = self.encode_pert([c[1] for c in conditions]) if n else np.zeros((0, 1), dtype=np.int64)
+        pert = self.encode_pert([c[1] for c in conditions], unknown_pert) if n else np.zeros((0, 1), dtype=np.int64)
         return Covariates(pert=pert, context=ctx, batch=batch, dose=dose)

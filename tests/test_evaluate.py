@@ -1,0 +1,191 @@
+"""Evaluation: the real/pred layout and its errors, R², cell-eval against itself, the report, the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+from perturbdiff._errors import DataError
+from perturbdiff.data import Split
+from perturbdiff.evaluate import build_real, evaluate, make_pair, pseudobulk_r2, write_report
+from perturbdiff.evaluate._layout import select_sample
+
+PERT, CTX, CTRL = "perturbation", "cell_type", "control"
+
+
+def toy(seed: int = 0, n: int = 40, g: int = 30, dense: bool = False) -> AnnData:
+    """log1p data: 2 contexts x (control, A, B, C); A raises genes 0-3, B lowers genes 4-7 (clean DE)."""
+    rng = np.random.default_rng(seed)
+    rows, blocks = [], []
+    for ctx, scale in (("c1", 2.0), ("c2", 3.0)):
+        for pert in (CTRL, "A", "B", "C"):
+            lam = np.full(g, scale)
+            if pert == "A":
+                lam[:4] *= 6
+            if pert == "B":
+                lam[4:8] /= 6
+            blocks.append(np.log1p(rng.poisson(lam, (n, g)).astype(np.float32)))
+            rows += [(ctx, pert)] * n
+    obs = pd.DataFrame(rows, columns=[CTX, PERT])
+    obs.index = [f"cell{i}" for i in range(len(obs))]
+    X = np.vstack(blocks)
+    return AnnData(X=X if dense else sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(g)]))
+
+
+SPLIT = Split(
+    "toy", PERT, CTRL, [CTX], train=[(("c1",), "C"), (("c2",), "C")], val=[],
+    test=[(("c1",), "A"), (("c1",), "B"), (("c2",), "A"), (("c2",), "B")],
+)  # fmt: skip
+
+
+def perturbed(real: AnnData) -> AnnData:
+    return real[(real.obs[PERT] != CTRL).to_numpy()].copy()
+
+
+def test_build_real_holds_test_cells_and_their_controls():
+    data = toy()
+    split = Split("s", PERT, CTRL, [CTX], train=[], val=[], test=[(("c1",), "A")], var_names=["g3", "g1"])
+    real = build_real(data, split)
+    assert sorted(map(tuple, real.obs[[CTX, PERT]].drop_duplicates().to_numpy())) == [("c1", "A"), ("c1", CTRL)]
+    assert real.n_obs == 80 and list(real.var_names) == ["g3", "g1"]
+    np.testing.assert_array_equal(real.X.toarray()[:, 0], data[real.obs_names, "g3"].X.toarray()[:, 0])
+    bad = Split("s", PERT, CTRL, [CTX], train=[], val=[], test=[(("c1",), "A")], var_names=["g1", "nope"])
+    with pytest.raises(DataError, match="nope"):
+        build_real(data, bad)
+
+
+def test_pair_adds_real_controls_and_reorders_genes():
+    real = build_real(toy(), SPLIT)
+    pred = perturbed(real)[:, ::-1].copy()  # genes reversed
+    full, real2 = make_pair(pred, real, pert_col=PERT, control=CTRL, context_col=CTX)
+    assert list(full.var_names) == list(real.var_names)
+    assert (full.obs[PERT] == CTRL).sum() == (real.obs[PERT] == CTRL).sum() == 80
+    ctrl = (full.obs[PERT] == CTRL).to_numpy()
+    np.testing.assert_array_equal(full.X[ctrl].toarray(), real2.X[(real2.obs[PERT] == CTRL).to_numpy()].toarray())
+
+
+def test_pair_errors_name_what_is_wrong():
+    real = build_real(toy(), SPLIT)
+    pred = perturbed(real)
+    renamed = pred.copy()
+    renamed.var_names = ["g0", "ghost", *renamed.var_names[2:]]
+    with pytest.raises(DataError, match="'g1'|'ghost'"):
+        make_pair(renamed, real, pert_col=PERT, control=CTRL, context_col=CTX)
+    no_ctrl = real[~((real.obs[CTX] == "c2") & (real.obs[PERT] == CTRL)).to_numpy()].copy()
+    with pytest.raises(DataError, match="c2"):
+        make_pair(pred, no_ctrl, pert_col=PERT, control=CTRL, context_col=CTX)
+    missing_b = pred[~((pred.obs[CTX] == "c1") & (pred.obs[PERT] == "B")).to_numpy()].copy()
+    with pytest.raises(DataError, match="pred has no cells of perturbation='B' in cell_type='c1'"):
+        make_pair(missing_b, real, pert_col=PERT, control=CTRL, context_col=CTX)
+    extra = pred.copy()
+    extra.obs[PERT] = extra.obs[PERT].astype(str).replace({"A": "Z"})
+    with pytest.raises(DataError, match="'Z'"):
+        make_pair(extra, real, pert_col=PERT, control=CTRL, context_col=CTX)
+    with pytest.raises(DataError, match="'donor'"):
+        make_pair(pred, real, pert_col=PERT, control=CTRL, context_col="donor")
+    big = pred.copy()
+    big.X = big.X * 20.0
+    with pytest.raises(DataError, match="below 15"):
+        make_pair(big, real, pert_col=PERT, control=CTRL, context_col=CTX)
+
+
+def test_r2_matches_sklearn_per_condition():
+    from sklearn.metrics import r2_score
+
+    real = build_real(toy(), SPLIT)
+    pred = perturbed(build_real(toy(seed=1), SPLIT))
+    full, real2 = make_pair(pred, real, pert_col=PERT, control=CTRL, context_col=CTX)
+    r2 = pseudobulk_r2(full, real2, pert_col=PERT, control=CTRL, context_col=CTX).set_index(["context", "perturbation"])
+    assert len(r2) == 4
+
+    def pb(a: AnnData) -> np.ndarray:
+        m = ((a.obs[CTX] == "c2") & (a.obs[PERT] == "B")).to_numpy()
+        return np.asarray(a.X[m].mean(axis=0)).ravel()
+
+    assert r2.loc[("c2", "B"), "r2"] == pytest.approx(r2_score(pb(real2), pb(full)))
+    assert 0.5 < r2.loc[("c2", "B"), "r2"] < 1.0
+
+
+def test_select_sample_keeps_first():
+    pred = perturbed(build_real(toy(), SPLIT))
+    a, b = pred.copy(), pred.copy()
+    a.obs["sample"], b.obs["sample"] = "0", "1"
+    b.obs_names = [f"x{i}" for i in range(b.n_obs)]
+    both = AnnData(X=sp.vstack([a.X, b.X * 0.5]).tocsr(), obs=pd.concat([a.obs, b.obs]), var=a.var)
+    chosen = select_sample(both)
+    assert chosen.n_obs == pred.n_obs and set(chosen.obs["sample"]) == {"0"}
+
+
+def test_evaluate_real_against_itself_is_perfect(tmp_path):
+    """One cell-eval run on dense X (numba compiles pdex's tests on first use: ~5 s dense, ~15 s sparse)."""
+    from cell_eval import metrics_registry
+    from cell_eval._types import MetricBestValue
+
+    real = build_real(toy(dense=True), SPLIT)
+    per, agg = evaluate(perturbed(real), real, pert_col=PERT, control=CTRL, context_col=CTX, outdir=tmp_path)
+    assert len(per) == 4 and {"overlap_at_N", "pr_auc", "pearson_delta", "r2"} <= set(per.columns)
+    checked = 0
+    for name in per.columns:
+        if name in ("context", "perturbation") or name not in metrics_registry.list_metrics():
+            continue
+        best = metrics_registry.get_metric(name).best_value
+        values = pd.to_numeric(per[name], errors="coerce").dropna()
+        if best is MetricBestValue.NONE or values.empty:
+            continue
+        target = 1.0 if best is MetricBestValue.ONE else 0.0
+        np.testing.assert_allclose(values, target, atol=1e-6, err_msg=name)
+        checked += 1
+    assert checked >= 15
+    assert agg["r2"] == pytest.approx(1.0) and agg["pearson_delta"] == pytest.approx(1.0)
+    assert agg["overlap_at_N"] == pytest.approx(1.0) and agg["mse"] == pytest.approx(0.0)
+    assert (tmp_path / "per_condition.csv").exists() and (tmp_path / "aggregate.csv").exists()
+
+
+def test_report_is_one_self_contained_page(tmp_path):
+    real = build_real(toy(), SPLIT)
+    model = perturbed(real)
+    model.obs["sample"] = "0"
+    second = model.copy()
+    second.obs["sample"], second.obs_names = "1", [f"s{i}" for i in range(second.n_obs)]
+    model = AnnData(X=sp.vstack([model.X, second.X * 0.9]).tocsr(), obs=pd.concat([model.obs, second.obs]),
+                    var=model.var)  # fmt: skip
+    base = perturbed(build_real(toy(seed=2), SPLIT))
+    keys = pd.DataFrame({"context": ["c1", "c1", "c2", "c2"], "perturbation": ["A", "B", "A", "B"]})
+    per = {"model": keys.assign(pearson_delta=[0.9, 0.8, 0.7, 0.6], pr_auc=np.nan, r2=0.9),
+           "additive": keys.assign(pearson_delta=[0.5, 0.6, 0.7, 0.8], pr_auc=np.nan, r2=0.8)}  # fmt: skip
+    table = pd.DataFrame({n: df[["pearson_delta", "pr_auc", "r2"]].mean() for n, df in per.items()}).T
+    path = write_report(table, tmp_path, per_condition=per, preds={"model": model, "additive": base}, real=real,
+                        pert_col=PERT, control=CTRL, context_col=CTX, baselines=["additive"])  # fmt: skip
+    page = path.read_text()
+    assert page.count("data:image/png;base64,") == 5  # bars, scatter, lfc, pca, sample spread
+    assert "—" in page and "<img src='http" not in page
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {
+        f"{k}.png" for k in ("metrics", "scatter", "lfc", "pca", "spread")
+    }
+
+
+@pytest.mark.slow
+def test_cli_baseline_and_evaluate(tmp_path, synthetic_prep, synthetic_keys, capsys):
+    """``perturbdiff baseline`` then ``perturbdiff evaluate`` with all baselines on the shared synthetic data."""
+    from perturbdiff.cli import main
+    from perturbdiff.data import make_split
+
+    split = make_split(synthetic_prep, synthetic_keys, "held-out-contexts-partial", seed=0)
+    split.write(tmp_path / "split.json")
+    data = tmp_path / "data.h5ad"
+    synthetic_prep.write_h5ad(data)
+    pred = tmp_path / "add.h5ad"
+    assert main(["baseline", "additive", str(data), "--split", str(tmp_path / "split.json"), "--out", str(pred)]) == 0
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(pred), "--data", str(data), "--split", str(tmp_path / "split.json"),
+            "--names", "mine", "--baselines", "control,additive", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    table = pd.read_csv(out / "aggregate.csv", index_col=0)
+    assert list(table.index) == ["mine", "control", "additive"]
+    # "mine" is the additive baseline with the same seed: identical cells, identical scores
+    np.testing.assert_allclose(table.loc["mine", "pearson_delta"], table.loc["additive", "pearson_delta"])
+    assert table.loc["additive", "r2"] > table.loc["control", "r2"]
+    assert (out / "report.html").exists() and "mine" in capsys.readouterr().out
