@@ -21,16 +21,6 @@ from perturbdiff.diffusion import (
 )
 from perturbdiff.nn import Denoiser
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-sync overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 B, S, G = 3, 8, 10
 VOCAB = {"pert": 6, "contexts": [3], "batch": 2, "dose": 1}
 SCHED = make_schedule()

@@ -15,16 +15,6 @@ from perturbdiff.nn import (
     timestep_embedding,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-sync overhead on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 B, S, G = 3, 6, 12
 VOCAB = {"pert": 7, "contexts": [4, 3], "batch": 3, "dose": 2}
 
