@@ -189,3 +189,11 @@ def test_cli_baseline_and_evaluate(tmp_path, synthetic_prep, synthetic_keys, cap
     np.testing.assert_allclose(table.loc["mine", "pearson_delta"], table.loc["additive", "pearson_delta"])
     assert table.loc["additive", "r2"] > table.loc["control", "r2"]
     assert (out / "report.html").exists() and "mine" in capsys.readouterr().out
+
+
+def test_select_sample_ignores_the_carried_control_cells():
+    obs = pd.DataFrame({"sample": [0, 0, 1, 1, -1, -1], "predicted": [True] * 4 + [False] * 2})
+    obs.index = obs.index.astype(str)
+    pred = AnnData(X=np.zeros((6, 2), np.float32), obs=obs)
+    kept = select_sample(pred)
+    assert kept.obs["sample"].tolist() == [0, 0, -1, -1]

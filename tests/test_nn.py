@@ -181,3 +181,12 @@ def test_preset_parameter_counts_on_meta():
     assert set(counts) >= {"tiny", "small", "base"}
     assert counts["tiny"] < counts["small"] < counts["base"]
     assert 90e6 <= counts["base"] <= 120e6
+
+
+def test_control_skip_adds_the_control_mean_profile():
+    model = Denoiser(tiny_cfg(control_skip=True), G, VOCAB).eval()
+    for p in model.final.parameters():
+        torch.nn.init.zeros_(p)
+    x_t, x_self, x_ctrl, t, cov = make_inputs()
+    out = model(x_t, x_self, x_ctrl, t, cov)
+    torch.testing.assert_close(out, x_ctrl.mean(1, keepdim=True).expand_as(out))

@@ -128,17 +128,22 @@ def _check_values(X, side: str) -> None:
 
 
 def select_sample(pred: AnnData, sample: str | None = None) -> AnnData:
-    """Predictions with several sampled distributions (obs ``sample``): keep one (default: the first)."""
+    """Predictions with several sampled distributions (obs ``sample``): keep one (default: the first).
+
+    Only generated cells count (obs ``predicted`` when present): control cells carried along keep their rows.
+    """
     if SAMPLE_COL not in pred.obs.columns:
         return pred
-    values = pd.Index(pred.obs[SAMPLE_COL].astype(str).unique()).sort_values()
+    generated = pred.obs["predicted"].astype(bool).to_numpy() if "predicted" in pred.obs else np.ones(pred.n_obs, bool)
+    labels = pred.obs[SAMPLE_COL].astype(str).to_numpy()
+    values = pd.Index(pd.unique(labels[generated])).sort_values()
     if len(values) <= 1:
         return pred
     chosen = values[0] if sample is None else str(sample)
     if chosen not in values:
         raise DataError(f"sample {chosen!r} not in pred column {SAMPLE_COL!r} (values: {', '.join(values[:8])})")
     logger.info(f"pred holds {len(values)} samples; metrics use sample {chosen!r} (the report shows the spread)")
-    return pred[pred.obs[SAMPLE_COL].astype(str).to_numpy() == chosen]
+    return pred[~generated | (labels == chosen)]
 
 
 def make_pair(

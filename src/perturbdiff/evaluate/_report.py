@@ -168,7 +168,8 @@ def sample_spread(pred: AnnData, real: AnnData, *, pert_col, control, context_co
     bootstrap resamples of the real cells (the spread finite sampling alone gives)."""
     if SAMPLE_COL not in pred.obs.columns:
         return None
-    samples = pd.unique(pred.obs[SAMPLE_COL].astype(str))
+    generated = pred.obs["predicted"].astype(bool).to_numpy() if "predicted" in pred.obs else np.ones(pred.n_obs, bool)
+    samples = pd.unique(pred.obs[SAMPLE_COL].astype(str).to_numpy()[generated])
     if len(samples) < 2:
         return None
     rng = np.random.default_rng(seed)

@@ -90,7 +90,10 @@ class Denoiser(nn.Module):
         c = self.condition(t, cov, uncond)  # (B, H)
         for block in self.blocks:
             x, xc = block(x, xc, c)  # (B, S, H) each
-        return F.relu(self.final(x, c))  # (B, S, G)
+        out = self.final(x, c)  # (B, S, G)
+        if self.cfg.control_skip:  # predict relative to the control population: a residual on its mean profile
+            out = out + x_ctrl.mean(dim=1, keepdim=True).to(out.dtype)
+        return F.relu(out)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
