@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-
-# OpenMP threads that spin while waiting made 2 threads 3-4x slower than 1 on a shared 2-core machine
-# (docs/PERFORMANCE.md); passive waiting removes that penalty. Set before torch is imported; users can override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from perturbdiff._errors import PerturbDiffError
 from perturbdiff._logging import setup_cli_logging
