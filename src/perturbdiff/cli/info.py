@@ -15,16 +15,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from perturbdiff import PerturbDiff
 
-    info = PerturbDiff.load(args.run, which=args.checkpoint).info()
+    model = PerturbDiff.load(args.run, which=args.checkpoint)
+    info = model.info()
+    info.update(perturbation_coverage(info, model.cfg.model.pert_embedding))
     if args.json:
         print(json.dumps(info, indent=1, default=str))
         return 0
     rec = info["record"]
     print(f"genes: {info['n_genes']} ({', '.join(info['genes'][:5])}, ...)")
-    print(f"perturbations seen in training ({len(info['perturbations'])}): {', '.join(info['perturbations'])}")
+    seen, table = info["perturbations"], info["via_embedding_table"]
+    print(f"perturbations seen in training ({len(seen)}): {', '.join(seen)}")
+    where = f" ({info['embedding_table']})" if info["embedding_table"] else ""
+    shown = ": " + ", ".join(table[:20]) + (", ..." if len(table) > 20 else "") if table else ""
+    print(f"representable: the {len(seen)} seen, {len(table)} more through the embedding table{where}{shown}; "
+          "combinations A+B of representable parts; anything else is refused by predict")
     print(f"control value: {info['control']}")
     for col, vals in info["contexts"].items():
         print(f"context {col!r} ({len(vals)}): {', '.join(vals)}")
+    print("  (other context values are predicted with the <unknown> context token)")
     print(f"keys: {json.dumps(info['keys'])}")
     print(f"preprocessing: input {rec.get('input_kind')}, normalize {rec.get('normalize')}, "
           f"log1p {rec.get('log1p')}, scale {rec.get('scale')}, genes by {rec.get('gene_selection', {})}")
@@ -34,3 +42,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"trained steps: {state.get('step')}, best step {state.get('best_step')}")
     print(f"versions: {json.dumps(info.get('versions'))}")
     return 0
+
+
+def perturbation_coverage(info: dict, table: str) -> dict:
+    """Perturbation parts representable only through the frozen embedding table (not seen in training)."""
+    seen = set(info.get("perturbations", []))
+    extra = [p for p in info.get("representable", []) if p not in seen]
+    return {"via_embedding_table": extra, "embedding_table": table or ""}

@@ -1,17 +1,41 @@
-"""``perturbdiff predict``: generate predicted cells for a split's conditions with a trained run."""
+"""``perturbdiff predict``: generate predicted cells for a split's conditions (``--data``) or for your own control
+cells (``--controls``) with a trained run."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from perturbdiff._errors import ConfigError, DataError
+
+CONTROLS_ONLY = ("perturbations", "context_keys", "input_kind", "missing_genes", "pseudobulk", "doses",
+                 "batch_key", "reference")
+DATA_ONLY = ("split", "subset")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="run directory of `perturbdiff train` (or a .safetensors checkpoint)")
-    p.add_argument("--data", required=True, help="preprocessed .h5ad holding the control cells")
-    p.add_argument("--split", help="split JSON (default: the split saved with the run)")
-    p.add_argument("--subset", default="test", choices=["test", "val", "train"], help="which conditions to predict")
+    p.add_argument("--data", help="split mode: preprocessed .h5ad holding the control cells of the split")
+    p.add_argument("--split", help="split mode: split JSON (default: the split saved with the run)")
+    p.add_argument("--subset", choices=["test", "val", "train"], help="split mode: which conditions (default test)")
+    own = p.add_argument_group("your own control cells (instead of --data)")
+    own.add_argument("--controls", metavar="MY.h5ad", help="your control cells (any context, also unseen ones)")
+    own.add_argument("--perturbations", metavar="P1,P2|@FILE",
+                     help="perturbations to predict (A+B for combinations), comma-separated or @file, one a line")
+    own.add_argument("--context-keys", metavar="COL[,COL]",
+                     help="your obs column(s) holding the context, in the order of the run's context columns")
+    own.add_argument("--input-kind", choices=["counts", "log1p"], help="what X of --controls holds; never guessed")
+    own.add_argument("--missing-genes", default="error", choices=["error", "zero"],
+                     help="run genes absent from your file: error (default, lists them) or fill with zeros")
+    own.add_argument("--pseudobulk", action="store_true",
+                     help="write one mean row per (context, perturbation, sample) instead of cells")
+    own.add_argument("--doses", metavar="D1,D2", help="doses to predict at (runs trained with a dose key)")
+    own.add_argument("--batch-key", help="your obs column holding batch values of the run's batch vocabulary")
+    own.add_argument("--reference", metavar="TRAIN.h5ad",
+                     help="the run's preprocessed training data: the collapse check compares against its shifts")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the run")
-    p.add_argument("--n-cells", type=int, help="cells per condition (default: as many as the real condition)")
+    p.add_argument("--n-cells", type=int,
+                   help="cells per condition (default: as many as the real condition, or as the context's controls)")
     p.add_argument("--n-samples", type=int, default=1, help="independent response distributions per condition")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: the run's, 0)")
     p.add_argument("--steps", type=int, help="DDIM steps for --start full (default: the run's)")
@@ -23,9 +47,60 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output .h5ad (log1p, the layout cell-eval reads)")
 
 
+def _given(args: argparse.Namespace, names) -> list[str]:
+    defaults = {"missing_genes": "error", "pseudobulk": False}
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, defaults.get(n))]
+
+
+def check_mode(args: argparse.Namespace) -> str:
+    """'data' or 'controls'; the two modes exclude each other (ConfigError naming the offending flags)."""
+    if args.data and args.controls:
+        raise ConfigError("--data (a split's conditions) and --controls (your own control cells) exclude each "
+                          "other: pass one")
+    if not args.data and not args.controls:
+        raise ConfigError("pass --data DATA.h5ad (predict a split's conditions) or --controls MY.h5ad (predict for "
+                          "your own control cells)")
+    wrong = _given(args, CONTROLS_ONLY) if args.data else _given(args, DATA_ONLY)
+    if wrong:
+        mode = "--data" if args.data else "--controls"
+        raise ConfigError(f"{', '.join(wrong)} cannot be used with {mode}")
+    if args.controls:
+        missing = [f for f, v in (("--perturbations", args.perturbations), ("--context-keys", args.context_keys),
+                                  ("--input-kind", args.input_kind)) if not v]
+        if missing:
+            raise ConfigError(f"--controls needs {', '.join(missing)}")
+    return "data" if args.data else "controls"
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    """Comma-separated values, or ``@FILE`` with one value a line (blank lines and # comments skipped)."""
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.exists():
+            raise DataError(f"{what} file not found: {path}")
+        lines = [ln.split("#", 1)[0].strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        items = [v.strip() for ln in lines for v in ln.split(",")]
+    else:
+        items = [v.strip() for v in text.split(",")]
+    items = [v for v in items if v]
+    if not items:
+        raise DataError(f"{what} lists nothing: {text!r}")
+    return items
+
+
 def run(args: argparse.Namespace) -> int:
-    from perturbdiff import PerturbDiff
     from perturbdiff._io import atomic_write
+
+    pred = _predict_controls(args) if check_mode(args) == "controls" else _predict_split(args)
+    atomic_write(args.out, pred.write_h5ad)
+    n_pred = int(pred.obs["predicted"].sum())
+    unit = "pseudobulk rows" if "n_cells" in pred.obs else "cells"
+    print(f"wrote {args.out}: {n_pred} predicted {unit}, {pred.n_obs - n_pred} control {unit}, {pred.n_vars} genes")
+    return 0
+
+
+def _predict_split(args: argparse.Namespace):
+    from perturbdiff import PerturbDiff
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
 
@@ -33,11 +108,25 @@ def run(args: argparse.Namespace) -> int:
     model = PerturbDiff.load(args.run, adata=adata, which=args.checkpoint)
     if args.split:
         model.split = Split.read(args.split)
-    pred = model.predict(subset=args.subset, n_cells=args.n_cells, n_samples=args.n_samples,
+    return model.predict(subset=args.subset or "test", n_cells=args.n_cells, n_samples=args.n_samples,
                          guidance=args.guidance, steps=args.steps, start=args.start, seed=args.seed,
-                         include_controls=not args.no_controls, progress=not args.no_progress,
-                         device=args.device)
-    atomic_write(args.out, pred.write_h5ad)
-    n_pred = int(pred.obs["predicted"].sum())
-    print(f"wrote {args.out}: {n_pred} predicted cells, {pred.n_obs - n_pred} control cells, {pred.n_vars} genes")
-    return 0
+                         include_controls=not args.no_controls, progress=not args.no_progress, device=args.device)
+
+
+def _predict_controls(args: argparse.Namespace):
+    from perturbdiff import PerturbDiff
+    from perturbdiff.datasets import read_h5ad
+
+    model = PerturbDiff.load(args.run, which=args.checkpoint)
+    perts = parse_list(args.perturbations, "--perturbations")
+    model.vocab.encode_pert(perts)  # unknown perturbations: refused before reading any cells
+    controls = read_h5ad(args.controls)
+    reference = read_h5ad(args.reference) if args.reference else None
+    pred = model.predict_for_controls(
+        controls, perts, context_keys=parse_list(args.context_keys, "--context-keys"), input_kind=args.input_kind,
+        missing_genes=args.missing_genes, n_cells=args.n_cells, n_samples=args.n_samples,
+        pseudobulk=args.pseudobulk, seed=args.seed, guidance=args.guidance, steps=args.steps, start=args.start,
+        progress=not args.no_progress, device=args.device,
+        doses=parse_list(args.doses, "--doses") if args.doses else None, batch_key=args.batch_key,
+        reference=reference)
+    return pred[pred.obs["predicted"].to_numpy(bool)].copy() if args.no_controls else pred
