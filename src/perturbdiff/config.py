@@ -41,6 +41,7 @@ class ModelConfig:
     # add the control set's mean profile to the output (predict a residual): on kang_celltype at 1,000 steps it raised
     # pearson_delta 0.44 -> 0.55, R² 0.62 -> 0.72, pr_auc 0.29 -> 0.36 (docs/BENCHMARKS.md)
     control_skip: bool = True
+    batch_dropout: float = 0.1  # the same for batches, so cells of an unseen batch get a trained <unknown> token
     pert_dropout: float = 0.05  # replace perturbation parts by a generic token: an explicit fallback for unseen ones
     pert_embedding: str = ""  # optional frozen embedding table (TSV/CSV/NPZ keyed by label) for unseen labels
 

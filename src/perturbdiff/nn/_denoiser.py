@@ -41,7 +41,7 @@ class Denoiser(nn.Module):
         self.t_embed = TimestepEmbedder(h)
         self.cov_encoder = CovariateEncoder(
             vocab_sizes, cfg.cov_dim, h, pert_table=pert_table, context_dropout=cfg.context_dropout,
-            pert_dropout=cfg.pert_dropout
+            pert_dropout=cfg.pert_dropout, batch_dropout=cfg.batch_dropout
         )
         self.blocks = nn.ModuleList(TwoStreamBlock(h, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(h, n_genes)

@@ -49,9 +49,10 @@ class CovariateEncoder(nn.Module):
         pert_table: torch.Tensor | None = None,
         context_dropout: float = 0.0,
         pert_dropout: float = 0.0,
+        batch_dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.pert_dropout = float(pert_dropout)
+        self.pert_dropout, self.batch_dropout = float(pert_dropout), float(batch_dropout)
         contexts = list(vocab_sizes.get("contexts", []))
         self.context_dropout = float(context_dropout)
         self.pert = nn.Embedding(int(vocab_sizes["pert"]), cov_dim)
@@ -87,19 +88,20 @@ class CovariateEncoder(nn.Module):
         keep = (pert != 0).to(emb.dtype)[..., None]  # (B, P, 1)
         return (emb * keep).sum(dim=1)  # (B, D)
 
-    def _drop_context(self, context: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.context_dropout <= 0.0 or context.numel() == 0:
-            return context
-        drop = torch.rand(context.shape, device=context.device) < self.context_dropout
-        return context.masked_fill(drop, 0)
+    def _drop(self, labels: torch.Tensor, p: float) -> torch.Tensor:
+        """In training, replace each label by index 0 (``<unknown>``) with probability ``p``."""
+        if not self.training or p <= 0.0 or labels.numel() == 0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < p
+        return labels.masked_fill(drop, 0)
 
     def forward(self, cov: dict, uncond: torch.Tensor | None = None) -> torch.Tensor:
         pert = self._pert(cov["pert"]) + self.dose(cov["dose"].reshape(-1))  # (B, D)
         parts = [pert]
         if len(self.contexts):
-            context = self._drop_context(cov["context"].reshape(pert.shape[0], -1))  # (B, C)
+            context = self._drop(cov["context"].reshape(pert.shape[0], -1), self.context_dropout)  # (B, C)
             parts += [emb(context[:, i]) for i, emb in enumerate(self.contexts)]
-        parts.append(self.batch(cov["batch"].reshape(-1)))
+        parts.append(self.batch(self._drop(cov["batch"].reshape(-1), self.batch_dropout)))
         h = self.mlp(torch.cat(parts, dim=-1))  # (B, H)
         if uncond is not None:
             h = torch.where(uncond.reshape(-1, 1), self.null.to(h.dtype).expand_as(h), h)
