@@ -16,7 +16,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 from perturbdiff._errors import CheckpointError, ConfigError, DataError, PerturbDiffError
 from perturbdiff.config import Config
 
-__all__ = ["PerturbDiff", "Config", "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "__version__"]
+__all__ = ["PerturbDiff", "Config", "log2_fold_changes", "collapse_diagnostic", "pseudobulk_of", "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -25,4 +25,8 @@ def __getattr__(name: str):
         from perturbdiff._model import PerturbDiff
 
         return PerturbDiff
+    if name in ("log2_fold_changes", "collapse_diagnostic", "pseudobulk_of"):
+        from perturbdiff import _apply
+
+        return getattr(_apply, name)
     raise AttributeError(f"module 'perturbdiff' has no attribute {name!r}")
