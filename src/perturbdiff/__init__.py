@@ -16,7 +16,10 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 from perturbdiff._errors import CheckpointError, ConfigError, DataError, PerturbDiffError
 from perturbdiff.config import Config
 
-__all__ = ["PerturbDiff", "Config", "log2_fold_changes", "collapse_diagnostic", "pseudobulk_of", "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "__version__"]
+__all__ = [
+    "PerturbDiff", "Config", "log2_fold_changes", "collapse_diagnostic", "pseudobulk_of",
+    "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "__version__",
+]
 
 
 def __getattr__(name: str):
