@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+# cell-eval's DE tests (numba) run in this process between trainings; with OpenMP's default spinning wait a leftover
+# thread kept a core busy and slowed the next training 30x on a 2-core machine (docs/PERFORMANCE.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 INPUT_KIND = {"kang": "counts", "devel": "log1p"}

@@ -1,12 +1,6 @@
 """PerturbDiff: diffusion over sets of cells to predict single-cell perturbation responses."""
 
-import os
 from importlib.metadata import PackageNotFoundError, version
-
-# OpenMP threads that spin while waiting (torch's, or numba's inside cell-eval) made 2 threads 3-4x slower than 1
-# on a shared 2-core machine and kept a core busy after DE tests (docs/PERFORMANCE.md). Passive waiting removes that.
-# Only a default, read when OpenMP starts: set OMP_WAIT_POLICY yourself to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 try:
     __version__ = version("perturbdiff")
