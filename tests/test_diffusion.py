@@ -164,7 +164,7 @@ def test_rbf_mmd_orders_shifts_and_masks():
 # -- training loss ---------------------------------------------------------------------------------
 def test_training_loss_backward_finite_and_self_conditioning():
     model, batch = Recorder(tiny_model()), make_batch()
-    cfg = DiffusionConfig(self_cond_prob=1.0, p_uncond=0.5)
+    cfg = DiffusionConfig(self_cond_prob=1.0, p_uncond=0.5, mean_weight=0.0)
     loss, parts = training_loss(model, SCHED, batch, cfg, torch.Generator().manual_seed(0))
     loss.backward()
     assert set(parts) == {"mse", "ed", "loss"} and parts["ed"] > 0
@@ -175,6 +175,14 @@ def test_training_loss_backward_finite_and_self_conditioning():
     model.calls.clear()
     training_loss(model, SCHED, batch, DiffusionConfig(self_cond_prob=0.0))
     assert len(model.calls) == 1 and not model.calls[0]["x_self"].any()
+
+
+def test_set_mean_term_adds_the_weighted_pseudobulk_error():
+    model, batch = tiny_model(), make_batch()
+    cfg = DiffusionConfig(mean_weight=2.0)
+    _, parts = training_loss(model, SCHED, batch, cfg, torch.Generator().manual_seed(0))
+    assert parts["mean"] > 0
+    assert abs(parts["loss"] - (parts["mse"] + parts["ed"] + 2.0 * parts["mean"])) < 1e-5
 
 
 def test_training_loss_deterministic_for_generator():
