@@ -385,16 +385,9 @@ class SetLoader:
         return iter(loader)
 
 
-def make_loader(
-    dataset: CellSetDataset,
-    batch_sets: int,
-    *,
-    num_workers: int = 0,
-    shuffle_epochs: bool = True,
-    pin_memory: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-) -> SetLoader:
-    """Batches of B sets: target/control [B, S, G], pad [B, S], pert [B, P], context [B, C], cond [B], ..."""
-    kw = {"num_workers": num_workers, "shuffle_epochs": shuffle_epochs, "pin_memory": pin_memory}
-    return SetLoader(dataset, batch_sets, rank=rank, world_size=world_size, **kw)
+def make_loader(dataset: CellSetDataset, batch_sets: int, **kwargs) -> SetLoader:
+    """Batches of B sets: target/control [B, S, G], pad [B, S], pert [B, P], context [B, C], cond [B], ...
+
+    Keyword arguments are those of :class:`SetLoader` (num_workers, shuffle_epochs, pin_memory, rank, world_size).
+    """
+    return SetLoader(dataset, batch_sets, **kwargs)
