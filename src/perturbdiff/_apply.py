@@ -7,7 +7,6 @@ context-value tuple of them as one control pool and generates each requested per
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from collections.abc import Sequence
@@ -20,11 +19,12 @@ from anndata import AnnData
 
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import logger
+from perturbdiff._model import with_sampler
 from perturbdiff.data import DataKeys, apply_record, get_record
 from perturbdiff.data._sets import _as_csr
 from perturbdiff.data._split import obs_codes
 from perturbdiff.data._vocab import UNKNOWN
-from perturbdiff.predict import assemble, generate, output_uns, plan_sets
+from perturbdiff.predict import assemble, output_uns
 
 COLLAPSE_R = 0.95  # pairwise Pearson r of predicted mean shifts above which responses count as collapsed
 LFC_EPS = 0.01  # pseudocount of log2 fold changes, in normalised expression units (expm1 of log1p)
@@ -57,9 +57,7 @@ def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str],
     conds = [(ctx, p, d) for ctx, pool in zip(contexts, pools) for p in perts for d in dose_list]
     cond_pools = [pool for pool in pools for _ in perts for _ in dose_list]
     counts = [int(n_cells) if n_cells is not None else len(pool) for pool in cond_pools]
-    dcfg = dataclasses.replace(model.cfg.diffusion, **{k: v for k, v in
-                                                       {"guidance": guidance, "sampler_steps": steps,
-                                                        "sampler_start": start}.items() if v is not None})
+    dcfg = with_sampler(model.cfg.diffusion, guidance=guidance, sampler_steps=steps, sampler_start=start)
     view = _run_view(model, prepared, user_keys, batch_key)
     parts = _generate(model, dcfg, view, conds, cond_pools, counts, n_samples=n_samples, seed=seed,
                       device=device, progress=progress)
@@ -181,20 +179,10 @@ def _run_view(model, prepared: AnnData, user_keys: Sequence[str], batch_key: str
 
 # -- generation -----------------------------------------------------------------------------------------------
 def _generate(model, dcfg, view: AnnData, conds, pools, n_cells, *, n_samples: int, seed: int, device, progress):
-    """As PerturbDiff._sample: plan_sets -> the model's covariates (+ dose) -> generate; cells per (sample, cond)."""
-    from perturbdiff._model import default_device
-
-    rows, cond, sample = plan_sets(pools, n_cells, model.cfg.data.set_size, n_samples, seed)  # (N, S), (N,), (N,)
-    cov = model._covariates(view, [c[:2] for c in conds], rows, cond)  # pert, context, batch (majority of rows)
-    if model.keys.dose_key is not None:
-        dose_index = {d: i for i, d in enumerate(model.vocab.dose)}
-        cov["dose"] = np.asarray([dose_index[conds[i][2]] for i in cond.tolist()], np.int64)
-    cells = generate(model.network, model.sched, dcfg, view.X, rows, cov, scale=model.scale,
-                     clip_max=model.clip_max, zero_threshold=model.zero_threshold(), seed=seed,
-                     device=device or default_device(), progress=progress)  # (N, S, G)
-    G = cells.shape[2]
-    return [cells[(cond == i) & (sample == k)].reshape(-1, G)[:n] for k in range(n_samples)
-            for i, n in enumerate(n_cells)]
+    """The model's own sampling path, with each condition's dose; cells per (sample, condition)."""
+    doses = [c[2] for c in conds] if model.keys.dose_key is not None else None
+    return model._sample(model.network, view, pools, [c[:2] for c in conds], n_cells, dcfg=dcfg,
+                         n_samples=n_samples, seed=seed, progress=progress, device=device, doses=doses)
 
 
 def _assemble(model, parts: list[np.ndarray], conds, user_keys: Sequence[str]) -> AnnData:

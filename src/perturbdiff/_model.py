@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from perturbdiff import __version__
 from perturbdiff._errors import CheckpointError, DataError
 from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
-from perturbdiff.config import Config
+from perturbdiff.config import Config, DiffusionConfig
 from perturbdiff.data import DataKeys, get_record
 from perturbdiff.data._embeddings import align_table, read_embedding_table
 from perturbdiff.data._sets import CellSetDataset, CellSetIndex, _as_csr
@@ -126,12 +127,12 @@ class PerturbDiff:
         index = CellSetIndex.build(self.adata, self.keys, conds)
         S = self.cfg.data.set_size
         n_cells = [min(len(g), 2 * S) for g in index.groups]
+        pools = [index.control_pool(i) for i in range(len(conds))]
         real = [_as_csr(self.adata.X[g[:n]]).toarray() / self.scale for g, n in zip(index.groups, n_cells)]
-        ctrl_mean = [np.asarray(_as_csr(self.adata.X[index.control_pool(i)]).mean(0)).ravel() / self.scale
-                     for i in range(len(conds))]
+        ctrl_mean = [np.asarray(_as_csr(self.adata.X[pool]).mean(0)).ravel() / self.scale for pool in pools]
 
         def validate(net: torch.nn.Module) -> dict:
-            pred = self._sample(net, index, conds, n_cells, n_samples=1, seed=0, progress=False, device=device)
+            pred = self._sample(net, self.adata, pools, conds, n_cells, device=device)
             eds, rs = [], []
             for i, (r, p) in enumerate(zip(real, pred)):
                 eds.append(float(energy_distance(torch.from_numpy(p)[None], torch.from_numpy(r)[None])[0]))
@@ -142,24 +143,22 @@ class PerturbDiff:
         return validate
 
     # -- prediction ------------------------------------------------------------------------------------
-    def _sample(self, net, index: CellSetIndex, conds: Sequence[Condition], n_cells: Sequence[int], *,
-                n_samples: int, seed: int, progress: bool, device=None, adata: AnnData | None = None,
-                unknown_pert: str = "error"):
-        """Generated model-space cells per (sample, condition): a list in plan order, trimmed to n_cells."""
-        adata = adata if adata is not None else self.adata
-        S = self.cfg.data.set_size
-        pools = [index.control_pool(i) for i in range(len(conds))]
-        rows, cond, sample = plan_sets(pools, n_cells, S, n_samples, seed)
+    def _sample(self, net, adata: AnnData, pools: Sequence[np.ndarray], conds: Sequence[Condition],
+                n_cells: Sequence[int], *, dcfg: DiffusionConfig | None = None, n_samples: int = 1, seed: int = 0,
+                progress: bool = False, device=None, unknown_pert: str = "error",
+                doses: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Model-space cells per (sample, condition), in that order, trimmed to n_cells; control sets from pools."""
+        rows, cond, sample = plan_sets(pools, n_cells, self.cfg.data.set_size, n_samples, seed)  # (N, S), (N,), (N,)
         cov = self._covariates(adata, conds, rows, cond, unknown_pert)
-        cells = generate(net, self.sched, self.cfg.diffusion, adata.X, rows, cov, scale=self.scale,
+        if doses is not None:
+            index = {d: i for i, d in enumerate(self.vocab.dose)}
+            cov["dose"] = np.asarray([index[doses[i]] for i in cond.tolist()], np.int64)
+        cells = generate(net, self.sched, dcfg or self.cfg.diffusion, adata.X, rows, cov, scale=self.scale,
                          clip_max=self.clip_max, zero_threshold=self.zero_threshold(), seed=seed,
-                         device=device or default_device(), progress=progress)
-        out = []
-        for k in range(n_samples):
-            for i, n in enumerate(n_cells):
-                sel = (cond == i) & (sample == k)
-                out.append(cells[sel].reshape(-1, cells.shape[2])[:n])
-        return out
+                         device=device or default_device(), progress=progress)  # (N, S, G)
+        G = cells.shape[2]
+        return [cells[(cond == i) & (sample == k)].reshape(-1, G)[:n] for k in range(n_samples)
+                for i, n in enumerate(n_cells)]
 
     def zero_threshold(self) -> float:
         """Model-space values below this become 0: the configured floor, or half the lowest real level."""
@@ -203,16 +202,12 @@ class PerturbDiff:
         self.vocab.encode_pert([p for _, p in conditions], unknown_perturbations)  # unknown: clear error, up front
         index = CellSetIndex.build(adata, self.keys, conditions)
         n_cells = self._n_cells(index, conditions, n_cells, subset)
-        saved = self.cfg.diffusion
-        self.cfg.diffusion = _with(saved, guidance=guidance, sampler_steps=steps, sampler_start=start)
-        try:
-            parts = self._sample(self.network, index, conditions, n_cells, n_samples=n_samples, seed=seed,
-                                 progress=progress, device=device, adata=adata,
-                                 unknown_pert=unknown_perturbations)
-        finally:
-            settings = {"guidance": self.cfg.diffusion.guidance, "steps": self.cfg.diffusion.sampler_steps,
-                        "start": self.cfg.diffusion.sampler_start, "n_samples": n_samples, "seed": seed}
-            self.cfg.diffusion = saved
+        dcfg = with_sampler(self.cfg.diffusion, guidance=guidance, sampler_steps=steps, sampler_start=start)
+        pools = [index.control_pool(i) for i in range(len(conditions))]
+        parts = self._sample(self.network, adata, pools, conditions, n_cells, dcfg=dcfg, n_samples=n_samples,
+                             seed=seed, progress=progress, device=device, unknown_pert=unknown_perturbations)
+        settings = {"guidance": dcfg.guidance, "steps": dcfg.sampler_steps, "start": dcfg.sampler_start,
+                    "n_samples": n_samples, "seed": seed}
         n = len(conditions)
         pred = assemble([(j % n, j // n, cells) for j, cells in enumerate(parts)], conditions, self.genes,
                         self.keys, scale=self.scale)
@@ -288,9 +283,8 @@ def _resolve_checkpoint(path: Path, which: str) -> Path:
     return path
 
 
-def _with(dcfg, **changes):
-    import dataclasses
-
+def with_sampler(dcfg: DiffusionConfig, **changes) -> DiffusionConfig:
+    """A copy of the diffusion config with the sampler settings that were given (None = keep the run's)."""
     return dataclasses.replace(dcfg, **{k: v for k, v in changes.items() if v is not None})
 
 

@@ -56,9 +56,7 @@ class Trainer:
         self.ema = EMA(self.net, cfg.train.ema_decay, cfg.train.ema_every)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         self.state = TrainState()
-        self._step_fn = self._loss_and_backward
-        if cfg.train.compile:
-            self._compiled = torch.compile(self.net)
+        self.forward_net = torch.compile(self.net) if cfg.train.compile else self.net  # shares self.net's weights
 
     # -- data ------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
@@ -90,9 +88,8 @@ class Trainer:
 
     def _loss_and_backward(self, batch: dict) -> dict:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        net = getattr(self, "_compiled", self.net)
         with self._autocast():
-            loss, parts = training_loss(net, self.sched, batch, self.cfg.diffusion, generator=self.gen)
+            loss, parts = training_loss(self.forward_net, self.sched, batch, self.cfg.diffusion, generator=self.gen)
         (loss / self.cfg.train.grad_accum).backward()
         return parts
 
@@ -106,7 +103,7 @@ class Trainer:
         for _ in range(self.cfg.train.grad_accum):
             batch = next(batches)
             n_cells += batch["target"].shape[0] * batch["target"].shape[1]
-            for k, v in self._step_fn(batch).items():
+            for k, v in self._loss_and_backward(batch).items():
                 acc[k] = acc.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
         gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         self.opt.step()
