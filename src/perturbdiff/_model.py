@@ -247,6 +247,9 @@ class PerturbDiff:
         """Load a run directory (``best``/``last``/``model`` checkpoint) or a ``.safetensors`` file; no pickle."""
         path = _resolve_checkpoint(Path(path), which)
         tensors, meta = load_checkpoint(path, prefixes=("ema.",))
+        if meta.get("kind") == "pretrain":
+            raise CheckpointError(f"{path} is a pretraining run (`perturbdiff pretrain`): finetune it, or predict "
+                                  "zero-shot with perturbdiff._pretrain.Pretrained.load")
         cfg = Config.from_dict(meta["config"])
         vocab = Vocab.from_dict(meta["vocab"])
         table = tensors.get("ema.cov_encoder.pert_table")

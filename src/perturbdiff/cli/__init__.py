@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "preprocess": "Validate an AnnData, normalise, select genes and record every step.",
     "split": "Draw a reproducible train/val/test split of conditions and save it as JSON.",
     "train": "Train PerturbDiff on a preprocessed AnnData and a split.",
+    "pretrain": "Pretrain on unperturbed cells of several data sets (context only; marginal pretraining).",
+    "finetune": "Train on a perturbation task starting from a pretrained run.",
     "predict": "Generate predicted cells for the conditions of a split (or for your own control cells).",
     "evaluate": "Score predictions with cell-eval and R² against the real cells and the baselines.",
     "baseline": "Fit a baseline (control, mean, additive, linear) and write its predictions.",

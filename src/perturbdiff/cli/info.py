@@ -14,7 +14,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from perturbdiff import PerturbDiff
+    from perturbdiff._pretrain import Pretrained, is_pretrained_run
 
+    if is_pretrained_run(args.run, args.checkpoint):
+        return _pretrained_info(Pretrained.load(args.run, which=args.checkpoint), args.json)
     model = PerturbDiff.load(args.run, which=args.checkpoint)
     info = model.info()
     info.update(perturbation_coverage(info, model.cfg.model.pert_embedding))
@@ -49,3 +52,18 @@ def perturbation_coverage(info: dict, table: str) -> dict:
     seen = set(info.get("perturbations", []))
     extra = [p for p in info.get("representable", []) if p not in seen]
     return {"via_embedding_table": extra, "embedding_table": table or ""}
+
+
+def _pretrained_info(pre, as_json: bool) -> int:
+    """What a pretraining run knows: vocabulary, data sets, contexts."""
+    info = pre.info()
+    if as_json:
+        print(json.dumps(info | {"genes": pre.genes}, indent=1, default=str))
+        return 0
+    print(f"pretraining run: {info['n_genes']} genes in the vocabulary ({', '.join(pre.genes[:5])}, ...)")
+    for d in info["datasets"]:
+        print(f"data set {d['name']!r}: {d['n_cells']} {d['cells']}, {d['n_genes']} genes, context "
+              f"{'/'.join(d['context_keys'])} ({len(d['contexts'])}: {', '.join(d['contexts'][:10])})")
+    state = info.get("state") or {}
+    print(f"trained steps: {state.get('step')}; versions: {json.dumps(info.get('versions'))}")
+    return 0

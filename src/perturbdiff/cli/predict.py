@@ -14,7 +14,8 @@ DATA_ONLY = ("split", "subset")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run directory of `perturbdiff train` (or a .safetensors checkpoint)")
+    p.add_argument("run", help="run directory of `perturbdiff train` or `finetune` (or a .safetensors checkpoint); "
+                               "a `perturbdiff pretrain` run predicts zero-shot (needs --data and --split)")
     p.add_argument("--data", help="split mode: preprocessed .h5ad holding the control cells of the split")
     p.add_argument("--split", help="split mode: split JSON (default: the split saved with the run)")
     p.add_argument("--subset", choices=["test", "val", "train"], help="split mode: which conditions (default test)")
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     own.add_argument("--batch-key", help="your obs column holding batch values of the run's batch vocabulary")
     own.add_argument("--reference", metavar="TRAIN.h5ad",
                      help="the run's preprocessed training data: the collapse check compares against its shifts")
+    p.add_argument("--from-dataset", metavar="NAME",
+                   help="zero-shot: pretraining data set whose output layer to use (default: most shared genes)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the run")
     p.add_argument("--n-cells", type=int,
                    help="cells per condition (default: as many as the real condition, or as the context's controls)")
@@ -101,10 +104,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _predict_split(args: argparse.Namespace):
     from perturbdiff import PerturbDiff
+    from perturbdiff._pretrain import is_pretrained_run
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
 
     adata = read_h5ad(args.data)
+    if is_pretrained_run(args.run, args.checkpoint):
+        return _zero_shot(args, adata)
+    if args.from_dataset:
+        raise ConfigError("--from-dataset applies to zero-shot prediction with a `perturbdiff pretrain` run only")
     model = PerturbDiff.load(args.run, adata=adata, which=args.checkpoint)
     if args.split:
         model.split = Split.read(args.split)
@@ -113,10 +121,30 @@ def _predict_split(args: argparse.Namespace):
                          include_controls=not args.no_controls, progress=not args.no_progress, device=args.device)
 
 
+def _zero_shot(args: argparse.Namespace, adata):
+    """A pretrained run: cells of each condition's context from the marginal, no labels and no controls used."""
+    from perturbdiff._pretrain import Pretrained
+    from perturbdiff.data import Split
+
+    if not args.split:
+        raise ConfigError("zero-shot prediction with a pretraining run needs --split (which conditions to predict)")
+    if args.guidance:
+        raise ConfigError("--guidance does not apply to zero-shot prediction (no perturbation to guide towards)")
+    pre = Pretrained.load(args.run, which=args.checkpoint)
+    return pre.zero_shot(adata, split=Split.read(args.split), subset=args.subset or "test", n_cells=args.n_cells,
+                         dataset=args.from_dataset, n_samples=args.n_samples, steps=args.steps, start=args.start,
+                         seed=args.seed, include_controls=not args.no_controls, progress=not args.no_progress,
+                         device=args.device)
+
+
 def _predict_controls(args: argparse.Namespace):
     from perturbdiff import PerturbDiff
+    from perturbdiff._pretrain import is_pretrained_run
     from perturbdiff.datasets import read_h5ad
 
+    if is_pretrained_run(args.run, args.checkpoint):
+        raise ConfigError(f"{args.run} is a pretraining run: it predicts zero-shot for a split (--data, --split); "
+                          "finetune it to predict perturbations for your own control cells")
     model = PerturbDiff.load(args.run, which=args.checkpoint)
     perts = parse_list(args.perturbations, "--perturbations")
     model.vocab.encode_pert(perts)  # unknown perturbations: refused before reading any cells

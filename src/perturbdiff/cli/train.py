@@ -13,17 +13,22 @@ from perturbdiff.config import PRESETS, Config
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="preprocessed .h5ad (output of `perturbdiff preprocess`)")
     p.add_argument("--split", required=True, help="split JSON (output of `perturbdiff split` or a benchmark split)")
+    p.add_argument("--fraction", type=float, help="keep this fraction of perturbed training cells per condition")
+    add_config_arguments(p)
+    p.add_argument("--out", required=True, help="run directory: checkpoints, log.csv, config.toml, split.json")
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags every training command shares (train, pretrain, finetune)."""
     p.add_argument("--config", help="TOML file with any hyper-parameters (sections data/model/diffusion/train)")
     p.add_argument("--preset", choices=list(PRESETS), help="model size preset (default: small, or the config's)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config)")
-    p.add_argument("--fraction", type=float, help="keep this fraction of perturbed training cells per condition")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set diffusion.ed_weight=0.5 (repeatable)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds a last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--out", required=True, help="run directory: checkpoints, log.csv, config.toml, split.json")
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -38,7 +43,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     preset = args.preset or file_values.pop("preset", None) or "small"
     file_values.pop("preset", None)
     cfg = Config.from_preset(preset).update(file_values)
-    flags = {"train.max_steps": args.max_steps, "train.seed": args.seed, "data.fraction": args.fraction}
+    flags = {"train.max_steps": args.max_steps, "train.seed": args.seed,
+             "data.fraction": getattr(args, "fraction", None)}
     cfg = cfg.update({k: v for k, v in flags.items() if v is not None})
     for item in args.set:
         key, sep, value = item.partition("=")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -279,3 +280,18 @@ def _truth(prm, genes, cts, batches, singles, classes, hits, combos, pairs, kind
             "response_scale": {key: round(float(prm.resp_scale[i, j]), 4) for key, (i, j) in pops.items()},
         },
     }
+
+
+def simulate_atlas(n_cells: int = 20_000, n_genes: int = 1_000, *, n_cell_types: int = 8, n_batches: int = 4,
+                   seed: int = 0, prefix: str = "AT") -> AnnData:
+    """Atlas-like unperturbed counts (no perturbation column): the simulator's control cells, cell types named
+    ``{prefix}1 ...``, for marginal pretraining (SPEC §5). Same gene names (G0001, ...) as :func:`simulate`."""
+    sim = simulate(math.ceil(n_cells / 0.9) + 16, n_genes, n_cell_types=n_cell_types, n_batches=n_batches,
+                   n_perturbations=1, n_combos=0, seed=seed, control_fraction=0.9)
+    ctrl = np.flatnonzero(sim.obs["perturbation"].to_numpy() == CONTROL)[:n_cells]
+    atlas = sim[ctrl].copy()
+    del atlas.obs["perturbation"]
+    atlas.obs["cell_type"] = atlas.obs["cell_type"].cat.rename_categories(
+        {c: c.replace("CT", prefix) for c in atlas.obs["cell_type"].cat.categories})
+    atlas.uns = {"simulation": {"seed": seed, "n_cells": len(ctrl), "n_genes": n_genes, "kind": "atlas"}}
+    return atlas

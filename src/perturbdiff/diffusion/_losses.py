@@ -10,7 +10,7 @@ from torch import nn
 from perturbdiff.config import DiffusionConfig
 from perturbdiff.diffusion._schedule import Schedule, q_sample
 
-COV_KEYS = ("pert", "context", "batch", "dose")
+COV_KEYS = ("pert", "context", "batch", "dose", "dataset")  # "dataset": only in marginal pretraining
 
 
 def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ def training_loss(
     """
     x0 = batch["target"].float()  # (B, S, G)
     b, dev = x0.shape[0], x0.device
-    cov = {k: batch[k] for k in COV_KEYS}
+    cov = {k: batch[k] for k in COV_KEYS if k in batch}
     t = _draw("randint", (b,), generator, dev, high=sched.T)  # (B,)
     noise = _draw("randn", tuple(x0.shape), generator, dev)  # (B, S, G)
     uncond = _draw("rand", (b,), generator, dev) < cfg.p_uncond  # (B,)

@@ -96,9 +96,31 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, out_dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, dataset: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 × (B, H)
         h = modulate(self.norm(x), shift, scale)  # (B, S, H)
         # fp32 head: bf16 would quantise x̂0 to ~3 digits, and ε = (x_t − √ᾱ·x̂0)/√(1−ᾱ) amplifies that at small t
         with torch.autocast(device_type=h.device.type, enabled=False):
+            if isinstance(self.linear, DatasetLinear):
+                return self.linear(h.float(), dataset)  # (B, S, G)
             return self.linear(h.float())  # (B, S, G)
+
+
+class DatasetLinear(nn.Module):
+    """One Linear per data set (marginal pretraining, SPEC §5): y_b = x_b W[d_b]ᵀ + b[d_b] for set b of data set d_b.
+
+    ``weight`` [D, out, in] and ``bias`` [D, out]; each set's weights are gathered and applied by one batched matmul.
+    """
+
+    def __init__(self, n_datasets: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_datasets, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(n_datasets, out_features))
+        for w in self.weight:
+            nn.init.xavier_uniform_(w)
+
+    def forward(self, x: torch.Tensor, dataset: torch.Tensor | None) -> torch.Tensor:
+        if dataset is None:
+            raise ValueError("a per-data-set layer needs the data set index of every set (cov['dataset'])")
+        w, b = self.weight[dataset.reshape(-1)], self.bias[dataset.reshape(-1)]  # (B, out, in), (B, out)
+        return torch.baddbmm(b[:, None].to(x.dtype), x, w.transpose(1, 2).to(x.dtype))  # (B, S, out)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perturbdiff.config import PRESETS, Config, ModelConfig
-from perturbdiff.nn._block import FinalLayer, TwoStreamBlock
+from perturbdiff.nn._block import DatasetLinear, FinalLayer, TwoStreamBlock
 from perturbdiff.nn._embed import CovariateEncoder, TimestepEmbedder
 
 #: covariate vocabulary sizes used when only the parameter count matters
@@ -21,6 +21,8 @@ class Denoiser(nn.Module):
     is implemented as a Linear G -> H on x_ctrl: the zero half multiplies columns that never receive a
     gradient, so it is the same function with G·H fewer parameters. c = MLP(sinusoidal(t)) + CovEncoder(cov).
     Only the target stream is decoded, so no final layer is created for the control stream. Output: ReLU(x̂0).
+    With ``n_datasets > 1`` (marginal pretraining on several data sets, SPEC §5) the target input layer and the
+    output layer are per data set (:class:`DatasetLinear`), chosen per set by ``cov["dataset"]``.
     """
 
     def __init__(
@@ -30,10 +32,11 @@ class Denoiser(nn.Module):
         vocab_sizes: dict,
         *,
         pert_table: torch.Tensor | None = None,
+        n_datasets: int = 1,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.n_genes = int(n_genes)
+        self.n_genes, self.n_datasets = int(n_genes), int(n_datasets)
         self.vocab_sizes = {k: list(v) if isinstance(v, (list, tuple)) else int(v) for k, v in vocab_sizes.items()}
         h = cfg.hidden
         self.x_in = nn.Linear(2 * n_genes, h)
@@ -46,6 +49,11 @@ class Denoiser(nn.Module):
         self.blocks = nn.ModuleList(TwoStreamBlock(h, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(h, n_genes)
         self.initialize_weights()
+        if self.n_datasets > 1:
+            self.x_in = DatasetLinear(self.n_datasets, 2 * n_genes, h)
+            self.final.linear = DatasetLinear(self.n_datasets, h, n_genes)
+            with torch.no_grad():  # the output head starts normal, like the single-data-set head
+                nn.init.normal_(self.final.linear.weight, std=0.02)
 
     def initialize_weights(self) -> None:
         """DiT init: xavier Linears, N(0, 0.02) embeddings, zero AdaLN modulation; normal output head."""
@@ -85,12 +93,14 @@ class Denoiser(nn.Module):
         """x̂0 = ReLU(f(x_t, x̂0_self, x_ctrl, t, cov)); `ctrl_drop` rows get an all-zero control input."""
         if ctrl_drop is not None:
             x_ctrl = x_ctrl.masked_fill(ctrl_drop.reshape(-1, 1, 1), 0.0)  # (B, S, G)
-        x = self.x_in(torch.cat([x_t, x_self], dim=-1))  # (B, S, H)
+        ds = cov.get("dataset") if self.n_datasets > 1 else None  # (B,) data set of each set
+        x_in = torch.cat([x_t, x_self], dim=-1)  # (B, S, 2G)
+        x = self.x_in(x_in, ds) if self.n_datasets > 1 else self.x_in(x_in)  # (B, S, H)
         xc = self.ctrl_in(x_ctrl)  # (B, S, H)
         c = self.condition(t, cov, uncond)  # (B, H)
         for block in self.blocks:
             x, xc = block(x, xc, c)  # (B, S, H) each
-        out = self.final(x, c)  # (B, S, G)
+        out = self.final(x, c, ds)  # (B, S, G)
         if self.cfg.control_skip:  # predict relative to the control population: a residual on its mean profile
             out = out + x_ctrl.mean(dim=1, keepdim=True).to(out.dtype)
         return F.relu(out)
