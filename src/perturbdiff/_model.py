@@ -22,11 +22,12 @@ from perturbdiff.data import DataKeys, get_record
 from perturbdiff.data._embeddings import align_table, read_embedding_table
 from perturbdiff.data._sets import CellSetDataset, CellSetIndex, _as_csr
 from perturbdiff.data._split import Condition, Split, training_mask
+from perturbdiff.data._store import nonzero_stats, row_mean
 from perturbdiff.data._vocab import Vocab
 from perturbdiff.diffusion import energy_distance, make_schedule
 from perturbdiff.nn import Denoiser
 from perturbdiff.predict import assemble, generate, majority, output_uns, plan_sets, with_controls
-from perturbdiff.train import Trainer, load_checkpoint
+from perturbdiff.train import Trainer, is_main, load_checkpoint
 from perturbdiff.train._checkpoint import save_checkpoint, split_prefix
 
 
@@ -72,10 +73,10 @@ class PerturbDiff:
         if table is not None:  # table-only labels: their learned part starts at zero, only the table speaks
             with torch.no_grad():
                 network.cov_encoder.pert.weight[3 + len(seen):] = 0.0
-        X = _as_csr(adata.X)[training_mask(adata, keys, split)]
+        vmax, q01, nnz = nonzero_stats(adata.X, np.flatnonzero(training_mask(adata, keys, split)))  # store: chunked
         scale = float(record.get("scale", 10.0))
-        clip_max = float(X.max()) / scale if X.nnz else None
-        zero_level = float(np.quantile(X.data, 0.01)) if X.nnz else 0.0  # lowest real non-zero level (log1p)
+        clip_max = vmax / scale if nnz else None
+        zero_level = q01 if nnz else 0.0  # lowest real non-zero level (log1p)
         summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
                    "n_val_conditions": len(split.val), "n_test_conditions": len(split.test)}
         summary["seen_perturbations"] = seen
@@ -102,8 +103,9 @@ class PerturbDiff:
         out = Path(out_dir) if out_dir else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.toml", cfg.to_toml())
-            self.split.write(out / "split.json")
+            if is_main():  # under torchrun only rank 0 writes files
+                atomic_write_text(out / "config.toml", cfg.to_toml())
+                self.split.write(out / "split.json")
         validate = self._validator(device) if self.split.val else None
         self.trainer = Trainer(self.network, cfg, dataset, meta=self._meta, validate=validate, out_dir=out,
                                device=device or default_device())
@@ -129,7 +131,7 @@ class PerturbDiff:
         n_cells = [min(len(g), 2 * S) for g in index.groups]
         pools = [index.control_pool(i) for i in range(len(conds))]
         real = [_as_csr(self.adata.X[g[:n]]).toarray() / self.scale for g, n in zip(index.groups, n_cells)]
-        ctrl_mean = [np.asarray(_as_csr(self.adata.X[pool]).mean(0)).ravel() / self.scale for pool in pools]
+        ctrl_mean = [row_mean(self.adata.X, pool) / self.scale for pool in pools]  # store: in blocks
 
         def validate(net: torch.nn.Module) -> dict:
             pred = self._sample(net, self.adata, pools, conds, n_cells, device=device)

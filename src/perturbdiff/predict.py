@@ -14,7 +14,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from perturbdiff.config import DiffusionConfig
-from perturbdiff.data._sets import _as_csr, _draw
+from perturbdiff.data._sets import _as_csr, _draw, _row_reader
 from perturbdiff.data._split import Condition, condition_codes
 from perturbdiff.diffusion import Schedule, ddim_sample
 
@@ -43,7 +43,7 @@ def generate(network: torch.nn.Module, sched: Schedule, dcfg: DiffusionConfig, X
              zero_threshold: float | None = None, seed: int = 0,
              batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
     """DDIM-sample one target set per row of ``control_rows`` [N, S]; returns model-space cells [N, S, G]."""
-    X, device = _as_csr(X), torch.device(device)
+    X, device = _row_reader(X), torch.device(device)  # in-memory CSR or a store's lazy rows
     network = network.to(device).eval()
     N, S = control_rows.shape
     out = np.zeros((N, S, X.shape[1]), np.float32)

@@ -1,4 +1,7 @@
-"""``perturbdiff preprocess``: validate, normalise, select genes (on a split's training cells), record it."""
+"""``perturbdiff preprocess``: validate, normalise, select genes (on a split's training cells), record it.
+
+``--out`` writes an .h5ad (the data in memory); ``--store`` writes an out-of-core store read in chunks, so the input
+never has to fit in memory (with both, the data are processed in memory once and written both ways)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ import time
 
 import numpy as np
 
-from perturbdiff._errors import DataError
+from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._io import atomic_write
 from perturbdiff.data import DataKeys, Split, preprocess
 from perturbdiff.data._split import condition_codes  # per-cell codes without per-cell tuples
+from perturbdiff.data._store import preprocess_store, write_store
 from perturbdiff.datasets import read_h5ad
 
 
@@ -29,7 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="split JSON: HVGs on its training cells (train conditions + all controls), or its var_names",
     )
-    p.add_argument("--out", required=True, metavar="OUT.h5ad", help="where to write the preprocessed AnnData")
+    p.add_argument("--out", metavar="OUT.h5ad", help="where to write the preprocessed AnnData (held in memory)")
+    p.add_argument("--store", metavar="DIR", help="write an out-of-core store (cells sorted by condition, read in "
+                   "row chunks: the input is never loaded whole); train/predict accept DIR in place of an .h5ad")
+    p.add_argument("--chunk-cells", type=int, default=20_000,
+                   help="cells per chunk when --store reads the input without --out (bounds memory)")
 
 
 def _train_mask(adata, keys: DataKeys, split: Split) -> np.ndarray:
@@ -43,6 +51,8 @@ def _train_mask(adata, keys: DataKeys, split: Split) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    if not args.out and not args.store:
+        raise ConfigError("pass --out OUT.h5ad, --store DIR, or both")
     contexts = tuple(c.strip() for c in args.context_keys.split(",") if c.strip())
     if not contexts:
         raise DataError("--context-keys names no column")
@@ -54,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         batch_key=args.batch_key,
         dose_key=args.dose_key,
     )
-    adata = read_h5ad(args.input)
+    adata = read_h5ad(args.input, backed=not args.out)  # --store alone: X stays on disk, read in chunks
     train_mask, var_names = None, None
     if args.split:
         split = Split.read(args.split)
@@ -63,17 +73,25 @@ def run(args: argparse.Namespace) -> int:
             var_names = split.var_names
         else:
             train_mask = _train_mask(adata, keys, split)
-    out = preprocess(
-        adata, keys, n_hvg=args.n_hvg, train_mask=train_mask, var_names=var_names, target_sum=args.target_sum
-    )
-    atomic_write(args.out, out.write_h5ad)
+    kw = {"n_hvg": args.n_hvg, "train_mask": train_mask, "var_names": var_names, "target_sum": args.target_sum}
+    if args.out:
+        out = preprocess(adata, keys, **kw)
+        atomic_write(args.out, out.write_h5ad)
+        if args.store:
+            write_store(out, args.store)
+    else:
+        try:
+            out = preprocess_store(adata, args.store, keys, chunk_cells=args.chunk_cells, **kw)
+        finally:
+            adata.file.close()
     _, conditions = condition_codes(out, keys)
     n_ctx = len({c for c, _ in conditions})
     n_cond = sum(p != keys.control_value for _, p in conditions)
     n_train = out.n_obs if train_mask is None else int(train_mask.sum())
     source = "split var_names" if var_names else f"HVGs of {n_train} cells"
+    where = " and ".join(str(w) for w in (args.out, args.store) if w)
     print(
-        f"wrote {args.out}: {out.n_obs} cells x {out.n_vars} genes ({source}), {n_cond} perturbed conditions, "
+        f"wrote {where}: {out.n_obs} cells x {out.n_vars} genes ({source}), {n_cond} perturbed conditions, "
         f"{n_ctx} contexts, input {keys.input_kind} ({time.perf_counter() - t0:.1f} s)"
     )
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from perturbdiff._errors import ConfigError
@@ -26,7 +27,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (overrides the config)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set diffusion.ed_weight=0.5 (repeatable)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun cuda "
+                   "means cuda:LOCAL_RANK, see docs/DISTRIBUTED.md)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds a last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -67,15 +69,22 @@ def run(args: argparse.Namespace) -> int:
     from perturbdiff import PerturbDiff
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
+    from perturbdiff.train import cleanup, is_main
 
+    if not is_main():  # under torchrun one process speaks
+        logger.setLevel(max(logger.level, logging.WARNING))
     cfg = resolve_config(args)
     adata = read_h5ad(args.data)
     split = Split.read(args.split)
     model = PerturbDiff.from_config(cfg, adata, split)
     out = Path(args.out)
     logger.info("preset %s, %d steps, run directory %s", cfg.preset, cfg.train.max_steps, out)
-    model.train(out_dir=out, progress=not args.no_progress, resume=not args.no_resume, device=args.device)
+    try:  # under torchrun every process runs this; the Trainer joins the process group
+        model.train(out_dir=out, progress=not args.no_progress, resume=not args.no_resume, device=args.device)
+    finally:
+        cleanup()
     state = model.trainer.state
     best = f"best step {state.best_step} (val energy distance {state.best_score:.4f})" if state.best_step >= 0 else ""
-    print(f"trained {state.step} steps; checkpoints in {out} {best}".rstrip())
+    if is_main():
+        print(f"trained {state.step} steps; checkpoints in {out} {best}".rstrip())
     return 0

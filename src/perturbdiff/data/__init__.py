@@ -4,6 +4,7 @@ from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._preprocess import apply_record, get_record, preprocess
 from perturbdiff.data._sets import CellSetDataset, CellSetIndex, make_loader
 from perturbdiff.data._split import STRATEGIES, Condition, Split, condition_labels, make_split
+from perturbdiff.data._store import CellStore, open_store, preprocess_store, write_store
 from perturbdiff.data._validate import register
 from perturbdiff.data._vocab import Covariates, Vocab
 
@@ -23,4 +24,8 @@ __all__ = [
     "CellSetIndex",
     "CellSetDataset",
     "make_loader",
+    "CellStore",
+    "open_store",
+    "write_store",
+    "preprocess_store",
 ]

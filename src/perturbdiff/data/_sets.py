@@ -220,6 +220,11 @@ def _as_csr(X) -> sp.csr_matrix:
     raise DataError(f"X must be in memory (numpy or scipy sparse) for the set sampler, got {type(X).__name__}")
 
 
+def _row_reader(X):
+    """X for row gathers ``X[rows]`` -> CSR: a store's lazy matrix (``lazy_rows``) as it is, else in-memory CSR."""
+    return X if getattr(X, "lazy_rows", False) else _as_csr(X)
+
+
 def _control_sets(rng, pools: list[np.ndarray], src: np.ndarray, S: int) -> tuple[np.ndarray, ...]:
     """Control->control sets: target = S control cells of a pool, control = another draw from that pool."""
     target = np.zeros((len(src), S), np.int64)
@@ -269,7 +274,7 @@ class CellSetDataset(Dataset):
             raise DataError(
                 f"set_size must be >= 1 and control_set_fraction >= 0 (got {set_size}, {control_set_fraction})"
             )
-        self.X = _as_csr(adata.X)
+        self.X = _row_reader(adata.X)  # in-memory CSR or a store's lazy rows
         self.index, self.set_size, self.seed = index, int(set_size), int(seed)
         self.control_set_fraction, self.scale = float(control_set_fraction), float(scale)
         self._sizes = np.asarray([len(r) for r in index.unit_rows], dtype=np.int64)
@@ -339,11 +344,25 @@ class CellSetDataset(Dataset):
         return {k: v[0] for k, v in self.__getitems__([i]).batched.items()}
 
 
+def shard_batches(
+    n_sets: int, start: int, batch_sets: int, *, rank: int = 0, world_size: int = 1
+) -> list[tuple[range, int]]:
+    """Rank r's micro-batches of an epoch's set order from position ``start``, each with its global batch size.
+
+    A global batch is the next W·B sets of the order (the last one may be smaller); rank r takes its positions
+    r, r + W, ... so the ranks are disjoint and equally loaded. The last (n_sets − start) mod W sets of the epoch
+    are skipped (none when W = 1). ``start`` counts sets, so a run resumed with another W continues where it was.
+    """
+    W, step = int(world_size), int(world_size) * int(batch_sets)
+    end = max(start, n_sets - (n_sets - start) % W)
+    return [(range(q + rank, min(q + step, end), W), min(q + step, end) - q) for q in range(start, end, step)]
+
+
 class SetLoader:
     """Iterable of batched dicts; each pass sets the dataset's epoch, then advances it (shuffle_epochs).
 
-    With ``world_size > 1`` rank r reads sets r, r + W, ... of the (already shuffled) epoch, the same number on
-    every rank (the last ``len % W`` sets of an epoch are skipped).
+    With ``world_size > 1`` rank r reads its share of every global batch of W·B sets (:func:`shard_batches`): sets
+    r, r + W, ... of the (already shuffled) epoch, the same number on every rank (the last ``len % W`` are skipped).
     """
 
     def __init__(
@@ -363,12 +382,12 @@ class SetLoader:
         self.shuffle_epochs, self.pin_memory, self.epoch = shuffle_epochs, pin_memory, dataset.epoch
         self.rank, self.world_size = int(rank), int(world_size)
 
-    def _indices(self) -> range:
-        n = len(self.dataset) // self.world_size * self.world_size
-        return range(self.rank, n, self.world_size)
+    def _batches(self) -> list[range]:
+        plan = shard_batches(len(self.dataset), 0, self.batch_sets, rank=self.rank, world_size=self.world_size)
+        return [idx for idx, _ in plan]
 
     def __len__(self) -> int:
-        return math.ceil(len(self._indices()) / self.batch_sets)
+        return len(self._batches())
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.shuffle_epochs:
@@ -376,8 +395,7 @@ class SetLoader:
             self.epoch += 1
         loader = DataLoader(
             self.dataset,
-            batch_size=self.batch_sets,
-            sampler=self._indices(),
+            batch_sampler=self._batches(),
             num_workers=self.num_workers,
             collate_fn=collate_sets,
             pin_memory=self.pin_memory,

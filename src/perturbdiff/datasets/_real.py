@@ -15,12 +15,19 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
 
 def read_h5ad(path: str | Path, backed: bool = False) -> AnnData:
-    """Read an .h5ad file (``backed=True``: X stays on disk, read-only); DataError if missing or not h5ad."""
+    """Read an .h5ad file (``backed=True``: X stays on disk, read-only); DataError if missing or not h5ad.
+
+    A perturbdiff store directory (``perturbdiff preprocess --store``) opens as a CellStore whose X stays on disk.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"file not found: {path}")
     if path.is_dir():
-        raise DataError(f"{path} is a folder, not an .h5ad file")
+        from perturbdiff.data._store import MARKER, is_store, open_store
+
+        if is_store(path):
+            return open_store(path)
+        raise DataError(f"{path} is a folder, not an .h5ad file nor a perturbdiff store (no {MARKER})")
     with open(path, "rb") as fh:
         if fh.read(8) != _HDF5_MAGIC:
             raise DataError(f"{path} is not an .h5ad file (no HDF5 signature)")

@@ -1,8 +1,22 @@
-"""Training: optimiser and LR schedule, EMA, checkpoints, the loop."""
+"""Training: optimiser and LR schedule, EMA, checkpoints, the loop, data-parallel runs under torchrun."""
 
 from perturbdiff.train._checkpoint import load_checkpoint, save_checkpoint
+from perturbdiff.train._distributed import DistInfo, barrier, cleanup, is_main, setup_distributed
 from perturbdiff.train._ema import EMA
 from perturbdiff.train._loop import Trainer, TrainState
 from perturbdiff.train._optim import lr_factor, make_optimizer
 
-__all__ = ["EMA", "Trainer", "TrainState", "load_checkpoint", "save_checkpoint", "lr_factor", "make_optimizer"]
+__all__ = [
+    "EMA",
+    "Trainer",
+    "TrainState",
+    "load_checkpoint",
+    "save_checkpoint",
+    "lr_factor",
+    "make_optimizer",
+    "DistInfo",
+    "setup_distributed",
+    "is_main",
+    "barrier",
+    "cleanup",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gc
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.config import Config
-from perturbdiff.data._sets import collate_sets
+from perturbdiff.data._sets import collate_sets, shard_batches
 from perturbdiff.diffusion import make_schedule, training_loss
 from perturbdiff.train._checkpoint import (
     load_checkpoint,
@@ -24,6 +27,14 @@ from perturbdiff.train._checkpoint import (
     optimizer_to_flat,
     save_checkpoint,
     split_prefix,
+)
+from perturbdiff.train._distributed import (
+    GradSynced,
+    from_main,
+    mean_over_ranks,
+    setup_distributed,
+    step_seeds,
+    wrap_ddp,
 )
 from perturbdiff.train._ema import EMA
 from perturbdiff.train._optim import make_optimizer, set_lr
@@ -36,19 +47,25 @@ LOG_FIELDS = ["step", "epoch", "lr", "loss", "mse", "ed", "mean", "grad_norm", "
 class TrainState:
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    sets_in_epoch: int = 0  # sets of the epoch's (global) order consumed so far, by all ranks together
     best_score: float = math.inf  # lower is better
     best_step: int = -1
+    world_size: int = 1  # processes of the run that wrote the checkpoint
 
 
 class Trainer:
-    """Owns the optimiser, EMA, loss generator and data position; the network and data set are given."""
+    """Owns the optimiser, EMA, loss generator and data position; the network and data set are given.
+
+    Under torchrun (WORLD_SIZE > 1) it joins the process group, wraps the network in DDP and reads this rank's
+    share of every global batch; rank 0 alone validates, logs and writes checkpoints (docs/DISTRIBUTED.md).
+    """
 
     def __init__(self, network: nn.Module, cfg: Config, dataset, *, meta: Callable[[], dict],
                  validate: Callable[[nn.Module], dict] | None = None, out_dir: str | Path | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device | None = "cpu"):
         self.net, self.cfg, self.dataset, self.meta = network, cfg, dataset, meta
-        self.validate, self.device = validate, torch.device(device)
+        self.dist, self.device = setup_distributed(device)  # one plain process unless under torchrun
+        self.validate = validate
         self.out_dir = Path(out_dir) if out_dir else None
         self.net.to(self.device)
         self.sched = make_schedule(cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
@@ -57,26 +74,31 @@ class Trainer:
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         self.state = TrainState()
         self.forward_net = torch.compile(self.net) if cfg.train.compile else self.net  # shares self.net's weights
+        self.ddp: DistributedDataParallel | None = None  # set while fit() runs under several processes
+        self.loss_net: Callable = self.forward_net
 
     # -- data ------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[dict]:
-        """Batches from the current data position onwards, epoch after epoch (deterministic from the seed)."""
-        B = self.cfg.data.batch_sets
+        """This rank's micro-batches from the current data position on, epoch after epoch (``shard_batches``)."""
+        B, d = self.cfg.data.batch_sets, self.dist
         while True:
             self.dataset.set_epoch(self.state.epoch)
-            n_batches = math.ceil(len(self.dataset) / B)
-            order = [list(range(i * B, min((i + 1) * B, len(self.dataset))))
-                     for i in range(self.state.batch_in_epoch, n_batches)]
+            plan = shard_batches(len(self.dataset), self.state.sets_in_epoch, B, rank=d.rank, world_size=d.world_size)
+            if not plan and self.state.sets_in_epoch == 0:
+                raise DataError(f"the training data give {len(self.dataset)} sets, too few for {d.world_size} "
+                                "process(es)")
             loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=order, num_workers=self.cfg.data.num_workers,
+                self.dataset, batch_sampler=[idx for idx, _ in plan], num_workers=self.cfg.data.num_workers,
                 collate_fn=collate_sets,
                 persistent_workers=False, pin_memory=self.device.type == "cuda",
                 generator=torch.Generator().manual_seed(self.cfg.train.seed))  # keeps the global RNG untouched
-            for batch in loader:
-                self.state.batch_in_epoch += 1
+            for j, (batch, (_, n_global)) in enumerate(zip(loader, plan)):
+                self.state.sets_in_epoch += n_global
+                if j == len(plan) - 1:  # the epoch is used up: the position moves on at once
+                    self.state.epoch, self.state.sets_in_epoch = self.state.epoch + 1, 0
                 yield batch
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+            if not plan:  # nothing of this epoch left for this world size (its last sets are skipped)
+                self.state.epoch, self.state.sets_in_epoch = self.state.epoch + 1, 0
 
     # -- one step --------------------------------------------------------------------------------------
     def _autocast(self):
@@ -89,22 +111,35 @@ class Trainer:
     def _loss_and_backward(self, batch: dict) -> dict:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self._autocast():
-            loss, parts = training_loss(self.forward_net, self.sched, batch, self.cfg.diffusion, generator=self.gen)
+            loss, parts = training_loss(self.loss_net, self.sched, batch, self.cfg.diffusion, generator=self.gen)
         (loss / self.cfg.train.grad_accum).backward()
         return parts
 
+    def _seed_step(self) -> None:
+        """Several ranks: noise streams derived from (seed, rank, step), so every rank resumes exactly unsaved."""
+        a, b = step_seeds(self.cfg.train.seed, self.dist.rank, self.state.step)
+        self.gen.manual_seed(a)
+        torch.manual_seed(b)  # covariate dropout draws from the global RNG (CPU and CUDA)
+
     def train_step(self, batches: Iterator[dict]) -> dict:
-        """One optimiser step (``grad_accum`` micro-batches); returns averaged loss parts."""
+        """One optimiser step (``grad_accum`` micro-batches, DDP all-reduce on the last only); averaged loss parts."""
         self.net.train()
+        if self.dist.enabled:
+            if self.ddp is None:
+                raise RuntimeError("under several processes train_step runs inside fit() (gradients sync via DDP)")
+            self._seed_step()
         lr = set_lr(self.opt, self.state.step, self.cfg.train)
         self.opt.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
-        n_cells = 0
-        for _ in range(self.cfg.train.grad_accum):
+        n_cells, n_micro = 0, self.cfg.train.grad_accum
+        for i in range(n_micro):
             batch = next(batches)
-            n_cells += batch["target"].shape[0] * batch["target"].shape[1]
-            for k, v in self._loss_and_backward(batch).items():
-                acc[k] = acc.get(k, 0.0) + float(v) / self.cfg.train.grad_accum
+            n_cells += batch["target"].shape[0] * batch["target"].shape[1] * self.dist.world_size
+            no_sync = self.ddp is not None and i < n_micro - 1
+            with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
+                parts = self._loss_and_backward(batch)
+            for k, v in parts.items():
+                acc[k] = acc.get(k, 0.0) + float(v) / n_micro
         gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
         self.opt.step()
         self.state.step += 1
@@ -112,13 +147,32 @@ class Trainer:
         return {**acc, "lr": lr, "grad_norm": float(gn), "n_cells": n_cells}
 
     # -- the loop --------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _data_parallel(self) -> Iterator[None]:
+        """DDP around the network while fit() runs, released after it: a Reducer that outlives the process
+        group would tear the group down under the GIL and can deadlock gloo's worker threads at exit."""
+        if not self.dist.enabled:
+            yield
+            return
+        self.ddp = wrap_ddp(self.forward_net, self.device)  # broadcasts rank 0's weights to all ranks
+        self.loss_net = GradSynced(self.ddp, self.forward_net)
+        try:
+            yield
+        finally:
+            self.ddp, self.loss_net = None, self.forward_net
+            gc.collect()
+
     def fit(self, max_steps: int | None = None, progress: bool = True) -> TrainState:
         """Train until ``max_steps`` (default: the config's budget); saves last/best under ``out_dir``."""
-        max_steps = max_steps or self.cfg.train.max_steps
+        self.state.world_size = self.dist.world_size
+        with self._data_parallel():
+            return self._loop(max_steps or self.cfg.train.max_steps, progress)
+
+    def _loop(self, max_steps: int, progress: bool) -> TrainState:
         batches = self._batches()
         log = self._open_log()
-        bar = tqdm(total=max_steps, initial=self.state.step, disable=not progress, desc="train", unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(total=max_steps, initial=self.state.step, disable=not (progress and self.dist.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
         t0, cells = time.perf_counter(), 0
         try:
             while self.state.step < max_steps:
@@ -127,14 +181,17 @@ class Trainer:
                 bar.update(1)
                 row = None
                 if self.state.step % self.cfg.train.log_every == 0 or self.state.step == max_steps:
+                    parts = mean_over_ranks(parts, self.device)
                     dt = time.perf_counter() - t0
                     row = {**parts, "step": self.state.step, "epoch": self.state.epoch,
                            "cells_per_s": cells / max(dt, 1e-9)}
                     t0, cells = time.perf_counter(), 0
                     bar.set_postfix(loss=f"{parts['loss']:.4f}", ed=f"{parts.get('ed', 0):.3f}")
                 if self.state.step % self.cfg.train.val_every == 0 or self.state.step == max_steps:
-                    row = {**(row or {"step": self.state.step, "epoch": self.state.epoch}), **self._validate()}
+                    scores = self._validate() if self.dist.is_main else {}
+                    row = {**(row or {"step": self.state.step, "epoch": self.state.epoch}), **scores}
                     self.save("last")
+                    self._share_best()
                 if row is not None and log is not None:
                     log.writerow({k: _fmt(row.get(k)) for k in LOG_FIELDS})
         except KeyboardInterrupt:
@@ -146,6 +203,12 @@ class Trainer:
             if log is not None:
                 self._log_fh.close()
         return self.state
+
+    def _share_best(self) -> None:
+        """Every rank takes rank 0's best score and step (the others wait here while rank 0 validates and saves)."""
+        if self.dist.enabled:
+            score, step = from_main([self.state.best_score, float(self.state.best_step)], self.device)
+            self.state.best_score, self.state.best_step = score, int(step)
 
     def _validate(self) -> dict:
         """Score the EMA weights; keep the best checkpoint (lower score is better)."""
@@ -165,8 +228,9 @@ class Trainer:
         return self.out_dir / f"{name}.safetensors" if self.out_dir else None
 
     def save(self, name: str) -> Path | None:
+        """Write ``name``.safetensors under ``out_dir`` (rank 0 only: the weights are the same on every rank)."""
         path = self.checkpoint_path(name)
-        if path is None:
+        if path is None or not self.dist.is_main:
             return None
         opt_tensors, opt_info = optimizer_to_flat(self.opt)
         tensors = {**{f"model.{k}": v for k, v in self.net.state_dict().items()},
@@ -176,18 +240,27 @@ class Trainer:
         return save_checkpoint(path, tensors, meta)
 
     def resume(self, path: str | Path) -> None:
-        """Restore weights, EMA, optimiser, RNG and data position (the next step equals an unbroken run's)."""
+        """Restore weights, EMA, optimiser, RNG and data position (the next step equals an unbroken run's).
+
+        Every rank reads the same file. The position counts sets of the epoch's global order, so a run resumed
+        with another number of processes continues at the same set; several ranks re-derive their RNG per step.
+        """
         tensors, meta = load_checkpoint(path)
         self.net.load_state_dict(split_prefix(tensors, "model"))
         self.ema.load_state_dict(split_prefix(tensors, "ema"))
         optimizer_from_flat(self.opt, tensors, meta["optimizer"])
         self.gen.set_state(tensors["rng.loss"])
         torch.set_rng_state(tensors["rng.torch"])
-        self.state = TrainState(**meta["state"])
-        logger.info("resumed from %s at step %d", path, self.state.step)
+        state = dict(meta["state"])
+        if "batch_in_epoch" in state:  # checkpoints before distributed training counted batches of B sets
+            state["sets_in_epoch"] = state.pop("batch_in_epoch") * self.cfg.data.batch_sets
+        self.state = TrainState(**state)
+        logger.info("resumed from %s at step %d (epoch %d, set %d; written by %d process(es), now %d)", path,
+                    self.state.step, self.state.epoch, self.state.sets_in_epoch, self.state.world_size,
+                    self.dist.world_size)
 
     def _open_log(self):
-        if self.out_dir is None:
+        if self.out_dir is None or not self.dist.is_main:
             return None
         path = self.out_dir / "log.csv"
         rows = []

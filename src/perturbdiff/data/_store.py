@@ -1,0 +1,537 @@
+"""Out-of-core cell store: cells grouped by condition in a contiguous-CSR .h5ad, rows read by memory map.
+
+A store is a directory ``DIR``:
+
+- ``DIR/store.json``: the marker (format, version, shape, number of stored values) and the group index, each
+  condition's rows ``[start, end)``. Cells are sorted *stably* by condition: a set (S cells of one condition x batch
+  x dose unit) lies in one contiguous region of the file, and every unit, control pool and condition keeps its
+  cells' original relative order, so the set sampler draws the very same cells as from the in-memory AnnData.
+- ``DIR/cells.h5ad``: a valid .h5ad (``anndata.read_h5ad`` reads it) with obs, var, uns (the preprocessing record)
+  and X as CSR whose ``data`` / ``indices`` are contiguous, uncompressed, page-aligned HDF5 datasets.
+
+``open_store`` keeps obs, var, uns and the row pointers in memory and only byte offsets for X. ``X[rows]`` maps the
+file read-only, gathers every requested row with one vectorised index (no HDF5 call per row) and unmaps it, so the
+resident memory holds one batch, never the matrix. Format chosen by measurement (docs/PERFORMANCE.md, "Out-of-core
+store"): with the file in the page cache 2-7x the set reads/s of h5py row slices, 4-12x anndata's backed CSR and
+15-40x zarr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from perturbdiff import __version__
+from perturbdiff._errors import DataError
+from perturbdiff._io import _umask
+from perturbdiff._logging import logger
+from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._preprocess import (
+    HVG_FLAVOR,
+    MODEL_SCALE,
+    RECORD_FORMAT,
+    _clean_obs,
+    _given_genes,
+    _to_log1p,
+    _train_mask,
+    _versions,
+    get_record,
+)
+from perturbdiff.data._sets import _as_csr
+from perturbdiff.data._split import condition_codes
+from perturbdiff.data._validate import register
+
+MARKER, CELLS, FORMAT, VERSION = "store.json", "cells.h5ad", "perturbdiff-store", 1
+_ALIGN = 4096  # byte alignment of X's datasets in the file
+_BLOCK = 1 << 22  # stored values per block when writing or scanning (bounds temporary memory to ≈ 50 MB)
+_PAGE = mmap.PAGESIZE
+_FADVISE = hasattr(os, "posix_fadvise")  # Linux / BSD: announce a gather's pages (parallel reads when not cached)
+_COLD_US_PER_ROW = 50.0  # a gather slower than 1 ms + this per row waited on the disk (cached ≈ 5, disk ≈ 600 µs)
+_PREFETCH_GATHERS = 32  # after such a gather, announce the pages of this many gathers, then try without again
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Flat:
+    """A 1-D array stored contiguously in a file at a byte offset, read through a short-lived memory map."""
+
+    path: str
+    offset: int
+    dtype: str
+    size: int
+
+    def take(self, idx: slice | np.ndarray, spans: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Elements ``idx`` as an in-memory copy; the map is closed again, so none of its pages stay resident.
+
+        ``spans`` (element ranges [lo, hi) that ``idx`` covers) are announced to the kernel first (read-ahead of
+        all their pages at once), so pages not in the page cache are read in parallel rather than one fault at a time.
+        """
+        if self.size == 0:
+            return np.zeros(0, self.dtype)[idx]
+        with open(self.path, "rb") as fh:
+            fd = fh.fileno()
+            if spans is not None and _FADVISE:
+                for start, length in zip(*self._pages(*spans)):
+                    os.posix_fadvise(fd, start, length, os.POSIX_FADV_WILLNEED)
+            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+                arr = np.frombuffer(mm, self.dtype, self.size, self.offset)
+                out = arr[idx].copy() if isinstance(idx, slice) else arr[idx]  # fancy indexing copies already
+                del arr  # no view may outlive the map
+        return out
+
+    def _pages(self, lo: np.ndarray, hi: np.ndarray) -> tuple[list[int], list[int]]:
+        """Byte (start, length) of the merged runs of whole pages holding elements [lo, hi)."""
+        item, keep = np.dtype(self.dtype).itemsize, hi > lo  # empty rows hold no page
+        s, e = (self.offset + lo[keep] * item) // _PAGE, -(-(self.offset + hi[keep] * item) // _PAGE)
+        if not len(s):
+            return [], []
+        order = np.argsort(s, kind="stable")
+        s, e = s[order], np.maximum.accumulate(e[order])
+        first = np.flatnonzero(np.r_[True, s[1:] > e[:-1]])  # a gap before a range starts a new run
+        last = np.r_[first[1:] - 1, len(s) - 1]
+        return (s[first] * _PAGE).tolist(), ((e[last] - s[first]) * _PAGE).tolist()
+
+
+class StoreMatrix:
+    """X of a store, never loaded whole: ``X[rows]`` -> scipy CSR float32 (rows: ints in any order, repeats
+    allowed, a boolean mask or a slice); ``shape``, ``dtype``, ``nnz``, ``to_memory()``."""
+
+    lazy_rows = True  # perturbdiff.data._sets._row_reader passes such an X through instead of converting it
+    # announce a gather's pages to the kernel first: ≈ 13x faster reads from disk, ≈ 2-3x slower from the page cache.
+    # None (automatic): on for the next _PREFETCH_GATHERS gathers after one that waited on the disk; True / False.
+    prefetch: bool | None = None
+    _prefetch_left = 0
+
+    def __init__(self, data: _Flat, indices: _Flat, indptr: np.ndarray, shape: tuple[int, int]):
+        self._data, self._indices = data, indices
+        self.indptr = np.asarray(indptr, dtype=np.int64)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype, self.ndim = np.dtype(np.float32), 2
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    def __repr__(self) -> str:
+        return f"StoreMatrix({self.shape[0]} x {self.shape[1]}, {self.nnz} stored values in {self._data.path})"
+
+    def __getitem__(self, key) -> sp.csr_matrix:
+        rows = self._rows(key)
+        if isinstance(rows, slice):  # one contiguous range: the kernel's sequential read-ahead serves it
+            lo, hi = int(self.indptr[rows.start]), int(self.indptr[rows.stop])
+            ptr, el = self.indptr[rows.start : rows.stop + 1] - lo, slice(lo, hi)
+            return self._csr(el, ptr, None)
+        ptr, el = self._elements(rows)
+        auto = self.prefetch is None
+        on = self._prefetch_left > 0 if auto else self.prefetch
+        t = time.perf_counter()
+        out = self._csr(el, ptr, (self.indptr[rows], self.indptr[rows + 1]) if on else None)
+        if auto and on:
+            self._prefetch_left -= 1
+        elif auto and time.perf_counter() - t > 1e-3 + _COLD_US_PER_ROW * 1e-6 * len(rows):
+            self._prefetch_left = _PREFETCH_GATHERS  # pages came from disk: announce the next gathers' pages
+        return out
+
+    def _csr(self, el: slice | np.ndarray, ptr: np.ndarray, spans) -> sp.csr_matrix:
+        data = self._data.take(el, spans).astype(np.float32, copy=False)
+        return sp.csr_matrix((data, self._indices.take(el, spans), ptr), shape=(len(ptr) - 1, self.shape[1]))
+
+    def to_memory(self) -> sp.csr_matrix:
+        return self[:]
+
+    def _rows(self, key) -> slice | np.ndarray:
+        """A row selection as a unit-step slice or an int64 array (IndexError for anything else)."""
+        if isinstance(key, tuple):
+            if len(key) != 2 or not (isinstance(key[1], slice) and key[1] == slice(None)):
+                raise IndexError("a store's X selects rows only: X[rows] or X[rows, :]")
+            key = key[0]
+        n = self.shape[0]
+        if isinstance(key, slice):
+            a, b, step = key.indices(n)
+            return slice(a, max(a, b)) if step == 1 else np.arange(a, b, step)
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise IndexError(f"boolean row mask of shape {rows.shape} for {n} rows")
+            return np.flatnonzero(rows)
+        if rows.size and not np.issubdtype(rows.dtype, np.integer):
+            raise IndexError(f"row indices must be integers, got {rows.dtype}")
+        rows = rows.astype(np.int64).reshape(-1)
+        if rows.size and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        return np.where(rows < 0, rows + n, rows)
+
+    def _elements(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row pointers [R + 1] of the gathered rows and the flat positions of their stored values."""
+        start = self.indptr[rows]
+        lens = self.indptr[rows + 1] - start
+        ptr = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lens, out=ptr[1:])
+        return ptr, np.repeat(start - ptr[:-1], lens) + np.arange(ptr[-1])
+
+    def block_rows(self) -> int:
+        """Rows per block of about ``_BLOCK`` stored values."""
+        return max(1, _BLOCK // max(1, math.ceil(self.nnz / max(self.shape[0], 1))))
+
+    def blocks(self, rows: np.ndarray | None = None) -> Iterator[sp.csr_matrix]:
+        """X[rows] (all rows when None) as consecutive CSR blocks of about ``_BLOCK`` stored values."""
+        step = self.block_rows()
+        if rows is None:
+            yield from (self[a : a + step] for a in range(0, self.shape[0], step))
+        else:
+            yield from (self[rows[a : a + step]] for a in range(0, len(rows), step))
+
+    def values(self, rows: np.ndarray) -> Iterator[np.ndarray]:
+        """Stored values of ``rows`` in blocks (order not kept); a block of consecutive rows is one file slice."""
+        rows, step = np.sort(np.asarray(rows, dtype=np.int64)), self.block_rows()
+        for a in range(0, len(rows), step):
+            r = rows[a : a + step]
+            if r[-1] - r[0] + 1 == len(r):
+                yield self._data.take(slice(int(self.indptr[r[0]]), int(self.indptr[r[-1] + 1])))
+            else:
+                yield self._data.take(self._elements(r)[1])
+
+
+class CellStore:
+    """An opened store: obs, var, uns in memory and X a :class:`StoreMatrix` (what training, prediction and the
+    set sampler use of an AnnData); ``store[rows]`` / ``store[rows, genes]`` and ``to_memory()`` give AnnData."""
+
+    def __init__(self, path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict, X: StoreMatrix,
+                 groups: pd.DataFrame):
+        self.path, self.obs, self.var, self.uns, self.X, self.groups = path, obs, var, uns, X, groups
+
+    n_obs = property(lambda self: len(self.obs))
+    n_vars = property(lambda self: len(self.var))
+    shape = property(lambda self: (self.n_obs, self.n_vars))
+    obs_names = property(lambda self: self.obs.index)
+    var_names = property(lambda self: self.var.index)
+
+    def __repr__(self) -> str:
+        return f"CellStore({self.path}): {self.n_obs} cells x {self.n_vars} genes, {len(self.groups)} groups"
+
+    def __getitem__(self, index) -> AnnData:
+        rows, cols = index if isinstance(index, tuple) else (index, slice(None))
+        sel = self.X._rows(rows)
+        idx = np.arange(sel.start, sel.stop) if isinstance(sel, slice) else sel
+        out = AnnData(X=self.X[sel], obs=self.obs.iloc[idx].copy(), var=self.var.copy(), uns=dict(self.uns))
+        return out if isinstance(cols, slice) and cols == slice(None) else out[:, cols]
+
+    def to_memory(self) -> AnnData:
+        """The whole store as an in-memory AnnData (store order)."""
+        return self[:]
+
+
+def is_store(path: str | Path) -> bool:
+    """True for a directory holding a store marker (``store.json``)."""
+    return Path(path).is_dir() and (Path(path) / MARKER).is_file()
+
+
+def open_store(path: str | Path) -> CellStore:
+    """Open a store directory: obs, var, uns and row pointers in memory, X lazy; DataError if it is not a store."""
+    path = Path(path)
+    meta = _read_marker(path)
+    file = path / meta.get("file", CELLS)
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(file, "r") as f:
+            obs, var = read_elem(f["obs"]), read_elem(f["var"])
+            uns = read_elem(f["uns"]) if "uns" in f else {}
+            g = f["X"]
+            shape = tuple(int(s) for s in g.attrs["shape"])
+            X = StoreMatrix(_flat(file, g["data"]), _flat(file, g["indices"]), g["indptr"][:], shape)
+    except (OSError, KeyError) as e:
+        raise DataError(f"{file} could not be read as a store's cells: {e}") from None
+    if shape != (len(obs), len(var)) or X.nnz != X._data.size or len(X.indptr) != shape[0] + 1:
+        raise DataError(f"{path}: X {shape} with {X._data.size} values does not match its row pointers or obs/var")
+    return CellStore(path, obs, var, uns, X, pd.DataFrame(meta["groups"]))
+
+
+def _flat(file: Path, ds: h5py.Dataset) -> _Flat:
+    offset = ds.id.get_offset()
+    if ds.size and (offset is None or ds.chunks is not None or ds.compression):
+        raise DataError(f"{file}: X/{ds.name.rsplit('/', 1)[-1]} is not a contiguous uncompressed dataset")
+    return _Flat(str(file), int(offset or 0), ds.dtype.str, int(ds.size))
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise DataError(f"store not found: {path}")
+    if not is_store(path):
+        raise DataError(f"{path} is not a perturbdiff store (no {MARKER}); write one with "
+                        "`perturbdiff preprocess IN.h5ad ... --store DIR`")
+    try:
+        meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path / MARKER} is unreadable: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"{path / MARKER} is not a perturbdiff store marker (format {FORMAT!r} expected)")
+    if int(meta.get("version", 0)) > VERSION:
+        raise DataError(f"{path} is a store of version {meta['version']}; this perturbdiff reads version {VERSION}")
+    return meta
+
+
+# -- statistics without loading X --------------------------------------------------------------------------------
+def nonzero_stats(X, rows: np.ndarray, q: float = 0.01) -> tuple[float, float, int]:
+    """Max, ``q``-quantile (numpy's linear rule) and number of the stored values of ``rows``.
+
+    In memory: numpy on X[rows]. A store: one pass in blocks keeping only the ⌊q(n-1)⌋ + 2 smallest values, exact.
+    """
+    if not getattr(X, "lazy_rows", False):
+        sub = _as_csr(X)[rows]
+        return (float(sub.max()), float(np.quantile(sub.data, q)), int(sub.nnz)) if sub.nnz else (0.0, 0.0, 0)
+    rows = np.asarray(rows, dtype=np.int64)
+    n = int((X.indptr[rows + 1] - X.indptr[rows]).sum())
+    if n == 0:
+        return 0.0, 0.0, 0
+    pos = q * (n - 1)
+    lo = int(math.floor(pos))
+    k = min(lo + 2, n)
+    vmax, keep, bound = -np.inf, np.zeros(0, np.float32), np.inf
+    for v in X.values(rows):
+        if v.size:
+            vmax = max(vmax, float(v.max()))
+            keep = np.concatenate([keep, v[v < bound]])  # values >= the k-th smallest so far cannot matter
+            if keep.size > 2 * k:
+                keep = np.partition(keep, k - 1)[:k]
+                bound = float(keep[k - 1 :].max())
+    keep = np.sort(keep)[:k]
+    pair = np.asarray([keep[lo], keep[min(lo + 1, n - 1)]], dtype=keep.dtype)
+    return vmax, float(np.quantile(pair, pos - lo)), n  # numpy's interpolation between the two order statistics
+
+
+def row_mean(X, rows: np.ndarray) -> np.ndarray:
+    """Mean of X over ``rows`` [G]: scipy on X[rows] in memory; a store summed in blocks (float64)."""
+    if not getattr(X, "lazy_rows", False):
+        return np.asarray(_as_csr(X[rows]).mean(0)).ravel()
+    total = np.zeros(X.shape[1])
+    for blk in X.blocks(np.asarray(rows, dtype=np.int64)):
+        total += np.bincount(blk.indices, weights=blk.data, minlength=X.shape[1])
+    return (total / max(len(rows), 1)).astype(np.float32)
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+def write_store(adata: AnnData, path: str | Path) -> CellStore:
+    """Write a preprocessed in-memory AnnData as a store: cells sorted stably by condition, atomically."""
+    keys = DataKeys.from_dict(get_record(adata)["keys"])
+    X = _as_csr(adata.X)
+    order = np.argsort(_group_codes(adata.obs, keys)[0], kind="stable")
+    step = max(1, _BLOCK // max(1, math.ceil(X.nnz / max(adata.n_obs, 1))))
+    blocks = (X[order[a : a + step]] for a in range(0, adata.n_obs, step))
+    return _write_store(Path(path), adata.obs.iloc[order], adata.var, dict(adata.uns), blocks, X.nnz)
+
+
+def _group_codes(obs: pd.DataFrame, keys: DataKeys) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per-cell condition code [N] and the labels of each code present (context columns, perturbation)."""
+    code, conds = condition_codes(SimpleNamespace(obs=obs, n_obs=len(obs)), keys)
+    table = pd.DataFrame({col: [c[0][j] for c in conds] for j, col in enumerate(keys.context_keys)})
+    table[keys.pert_key] = [c[1] for c in conds]
+    return code, table
+
+
+def _groups(obs: pd.DataFrame, keys: DataKeys) -> pd.DataFrame:
+    """The group index: each condition's labels and rows [start, end) (ValueError if they are not contiguous)."""
+    code, table = _group_codes(obs, keys)
+    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if len(code) else np.zeros(0, np.int64)
+    if len(starts) != len(table):
+        raise ValueError("the cells are not grouped by condition")
+    out = table.iloc[code[starts]].reset_index(drop=True)
+    out["start"], out["end"] = starts.astype(int), np.r_[starts[1:], len(code)].astype(int)
+    return out
+
+
+def _write_store(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
+                 blocks: Iterable[sp.spmatrix], nnz: int) -> CellStore:
+    """Write grouped cells (obs in store order, X as CSR blocks in that order) as a store, atomically."""
+    keys = DataKeys.from_dict(get_record(SimpleNamespace(uns=uns))["keys"])
+    groups = _groups(obs, keys)
+    meta = {"format": FORMAT, "version": VERSION, "n_obs": len(obs), "n_vars": len(var), "nnz": int(nnz),
+            "file": CELLS, "sorted_by": "condition", "perturbdiff": __version__,
+            "groups": {c: [None if pd.isna(v) else v for v in groups[c].tolist()] for c in groups.columns}}
+    with _staging(path) as tmp:
+        _write_h5(tmp / CELLS, obs, var, uns, blocks, int(nnz))
+        (tmp / MARKER).write_text(json.dumps(meta) + "\n", encoding="utf-8")
+        for name in (CELLS, MARKER):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+    logger.info("wrote store %s: %d cells x %d genes, %d groups", path, len(obs), len(var), len(groups))
+    return open_store(path)
+
+
+def _write_h5(file: Path, obs, var, uns, blocks: Iterable[sp.spmatrix], nnz: int) -> None:
+    """obs / var / uns through anndata, then X as CSR in contiguous page-aligned datasets, filled block by block."""
+    AnnData(obs=obs, var=var, uns=uns).write_h5ad(file)
+    n = len(obs)
+    with h5py.File(file, "r+", alignment_threshold=1, alignment_interval=_ALIGN) as f:
+        g = f.create_group("X")
+        g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n, len(var))})
+        data = g.create_dataset("data", (nnz,), np.float32)
+        indices = g.create_dataset("indices", (nnz,), np.int32)
+        indptr = np.zeros(n + 1, np.int64)
+        r = e = 0
+        for blk in blocks:
+            blk = sp.csr_matrix(blk, dtype=np.float32)
+            blk.sort_indices()
+            k, m = blk.nnz, blk.shape[0]
+            if r + m > n or e + k > nnz:
+                raise ValueError("the blocks hold more cells or values than announced")
+            if k:
+                data[e : e + k], indices[e : e + k] = blk.data, blk.indices
+            indptr[r + 1 : r + 1 + m] = e + blk.indptr[1:]
+            r, e = r + m, e + k
+        if (r, e) != (n, nnz):
+            raise ValueError(f"the blocks hold {r} cells and {e} values, announced {n} and {nnz}")
+        g.create_dataset("indptr", data=indptr)
+
+
+@contextmanager
+def _staging(path: Path) -> Iterator[Path]:
+    """A temporary directory beside ``path`` that replaces it on success and is removed on any failure."""
+    if path.exists() and not is_store(path):
+        raise DataError(f"{path} exists and is not a perturbdiff store (no {MARKER}); refusing to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        old = tmp.with_suffix(".old") if path.exists() else None
+        if old is not None:
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- preprocessing data larger than memory -------------------------------------------------------------------------
+def preprocess_store(adata: AnnData, path: str | Path, keys: DataKeys, *, n_hvg: int = 2000,
+                     train_mask: np.ndarray | None = None, var_names: Sequence[str] | None = None,
+                     target_sum: float = 1e4, chunk_cells: int = 20_000) -> CellStore:
+    """:func:`preprocess` for data larger than memory (``adata`` may be backed), written as a store.
+
+    Same transform and genes as ``preprocess``: X is read in chunks of ``chunk_cells`` cells, once for the HVG
+    moments (exact float64 sums over all training cells; recorded as ``gene_selection["moments"] = "chunked"``)
+    and once to transform into a temporary file beside ``path``; the cells are then written sorted by condition.
+    """
+    if chunk_cells < 1:
+        raise DataError(f"chunk_cells must be >= 1, got {chunk_cells}")
+    path = Path(path)
+    if path.exists() and not is_store(path):
+        raise DataError(f"{path} exists and is not a perturbdiff store (no {MARKER}); refusing to replace it")
+    register(adata, keys)
+    genes, selection = _choose_genes(adata, keys, n_hvg, train_mask, var_names, target_sum, chunk_cells)
+    record = {"format": RECORD_FORMAT, "keys": keys.to_dict(), "input_kind": keys.input_kind,
+              "normalize": {"target_sum": float(target_sum)} if keys.input_kind == "counts" else None,
+              "log1p": keys.input_kind == "counts", "genes": genes, "gene_selection": selection,
+              "scale": MODEL_SCALE, "versions": _versions()}  # the fields of preprocess's record
+    obs = _clean_obs(adata.obs, keys.columns)
+    order = np.argsort(_group_codes(obs, keys)[0], kind="stable")
+    uns = {"perturbdiff": {"record": json.dumps(record)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".work") as work:
+        cols = adata.var_names.get_indexer(genes)
+        X = _spill(Path(work), adata, keys.input_kind, target_sum, cols, chunk_cells)
+        return _write_store(path, obs.iloc[order], pd.DataFrame(index=pd.Index(genes)), uns, X.blocks(order),
+                            X.nnz)
+
+
+def _log1p_chunks(adata, kind: str, target_sum: float, chunk: int, mask: np.ndarray | None = None):
+    """(first row, log1p CSR of rows [a, a + chunk)) over X; row-local, so equal to transforming X whole."""
+    for a in range(0, adata.n_obs, chunk):
+        if mask is None or mask[a : a + chunk].any():
+            yield a, _to_log1p(adata.X[a : a + chunk], kind, target_sum)
+
+
+def _spill(work: Path, adata, kind: str, target_sum: float, cols: np.ndarray, chunk: int) -> StoreMatrix:
+    """Transform X chunk by chunk, keep columns ``cols``, append to raw files in ``work``; read back lazily."""
+    lens = [np.zeros(1, np.int64)]
+    with open(work / "data", "wb") as fd, open(work / "indices", "wb") as fi:
+        for _, blk in _log1p_chunks(adata, kind, target_sum, chunk):
+            sub = sp.csr_matrix(blk[:, cols])
+            sub.sort_indices()
+            sub.data.astype("<f4").tofile(fd)
+            sub.indices.astype("<i4").tofile(fi)
+            lens.append(np.diff(sub.indptr))
+    indptr = np.cumsum(np.concatenate(lens))
+    nnz = int(indptr[-1])
+    return StoreMatrix(_Flat(str(work / "data"), 0, "<f4", nnz), _Flat(str(work / "indices"), 0, "<i4", nnz),
+                       indptr, (adata.n_obs, len(cols)))
+
+
+def _choose_genes(adata, keys: DataKeys, n_hvg: int, train_mask, var_names, target_sum: float,
+                  chunk: int) -> tuple[list[str], dict[str, Any]]:
+    """Genes and the record's gene_selection: given names, or the top seurat HVGs of the training cells."""
+    if var_names is not None:
+        genes = _given_genes(adata.var_names, var_names)
+        return genes, {"method": "given", "n_top": len(genes), "flavor": None, "n_train_cells": None}
+    mask = _train_mask(train_mask, adata.n_obs)
+    if n_hvg >= adata.n_vars:
+        genes = [str(g) for g in adata.var_names]
+    else:
+        mean, var = _moments(adata, keys.input_kind, target_sum, mask, chunk)
+        genes = _seurat_hvg(mean, var, adata.var_names, n_hvg)
+    selection = {"method": "hvg" if n_hvg < adata.n_vars else "all", "n_top": len(genes), "flavor": HVG_FLAVOR,
+                 "n_train_cells": int(mask.sum())}
+    if n_hvg < adata.n_vars:
+        selection["moments"] = "chunked"  # over all training cells, chunk by chunk (not a subsample)
+    return genes, selection
+
+
+def _moments(adata, kind: str, target_sum: float, mask: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene mean and unbiased variance of expm1(log1p X) over the ``mask`` cells (scanpy's seurat input)."""
+    G = adata.n_vars
+    s1, s2 = np.zeros(G), np.zeros(G)
+    for a, blk in _log1p_chunks(adata, kind, target_sum, chunk, mask):
+        m = mask[a : a + blk.shape[0]]
+        sub = blk if m.all() else blk[np.flatnonzero(m)]
+        v = np.expm1(sub.data).astype(np.float64)
+        s1 += np.bincount(sub.indices, weights=v, minlength=G)
+        s2 += np.bincount(sub.indices, weights=v * v, minlength=G)
+    n = int(mask.sum())
+    mean = s1 / n
+    var = (s2 / n - mean**2) * (n / (n - 1) if n > 1 else 1.0)
+    return mean, var
+
+
+def _seurat_hvg(mean: np.ndarray, var: np.ndarray, var_names: pd.Index, n_top: int) -> list[str]:
+    """Top ``n_top`` genes by seurat-flavour normalised dispersion (scanpy's rule; ties as in preprocess)."""
+    mean = np.where(mean == 0, 1e-12, mean)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disp = var / mean
+        disp[disp == 0] = np.nan
+        disp = np.log(disp)
+    df = pd.DataFrame({"dispersions": disp, "mean_bin": pd.cut(np.log1p(mean), bins=20)})
+    stats = df.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
+    one = stats["dev"].isnull()  # a bin holding one gene: normalised dispersion 1
+    stats.loc[one, "dev"], stats.loc[one, "avg"] = stats.loc[one, "avg"], 0.0
+    per_gene = stats.loc[df["mean_bin"]]
+    norm = (disp - per_gene["avg"].to_numpy()) / per_gene["dev"].to_numpy()
+    finite = np.sort(norm[~np.isnan(norm)])[::-1]
+    hv = np.nan_to_num(norm, nan=-np.inf) >= finite[min(n_top, finite.size) - 1]
+    if hv.sum() > n_top:  # ties at the cut-off: the highest (float32) normalised dispersions, as preprocess does
+        d32 = np.nan_to_num(norm.astype(np.float32), nan=-np.inf)
+        keep = np.argsort(-np.where(hv, d32, -np.inf), kind="stable")[:n_top]
+        hv = np.zeros_like(hv)
+        hv[keep] = True
+    if hv.sum() < n_top:
+        logger.info("only %d genes qualify as HVGs (asked for %d)", int(hv.sum()), n_top)
+    return [str(g) for g in var_names[hv]]
