@@ -35,7 +35,7 @@ from perturbdiff.diffusion import ddim_sample, make_schedule
 from perturbdiff.nn import Denoiser
 from perturbdiff.nn._block import DatasetLinear
 from perturbdiff.predict import assemble, output_uns, with_controls
-from perturbdiff.train import Trainer, load_checkpoint
+from perturbdiff.train import Trainer, is_main, load_checkpoint
 from perturbdiff.train._checkpoint import save_checkpoint, split_prefix
 
 KIND = "pretrain"
@@ -100,7 +100,8 @@ class Pretrained:
         out = Path(out_dir) if out_dir else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out / "config.toml", cfg.to_toml())
+            if is_main():  # under torchrun only rank 0 writes files
+                atomic_write_text(out / "config.toml", cfg.to_toml())
         self.trainer = Trainer(self.network, cfg, dataset, meta=self._meta, validate=None, out_dir=out,
                                device=device or default_device())
         last = out / "last.safetensors" if out is not None else None
