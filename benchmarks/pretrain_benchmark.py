@@ -65,6 +65,7 @@ def cmd_run(args) -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for arm in args.arms.split(","):
                 label = arm if arm == "scratch" or args.io_layers == "keep" else f"{arm}({args.io_layers})"
+                label += args.tag
                 dest = work / "pretrain" / args.split / f"{label}-f{frac:g}" / f"seed{seed}"
                 if (dest / "result.json").exists():
                     continue
@@ -153,6 +154,7 @@ def main() -> None:
         q.add_argument("--arms", default="scratch,finetuned", help="scratch and/or finetuned")
         q.add_argument("--io-layers", default="keep", choices=["keep", "reinit", "task"], help="finetuning layers")
         q.add_argument("--atlas-cells", type=int, default=20_000, help="synthetic atlas cells (pretrain)")
+        q.add_argument("--tag", default="", help="run: suffix of the arm's label (e.g. -2000steps)")
         q.add_argument("--untrained", action="store_true", help="zeroshot: a freshly initialised network instead")
     args = p.parse_args()
     {"pretrain": cmd_pretrain, "run": cmd_run, "zeroshot": cmd_zeroshot, "report": cmd_report}[args.cmd](args)

@@ -205,3 +205,24 @@ def test_errors_name_the_problem(tmp_path, pretrained, atlas, synthetic_prep, sp
     with pytest.raises(CheckpointError, match="pretraining run"):
         PerturbDiff.load(path)
     assert Pretrained.load(path).genes == pretrained.genes
+
+
+def test_pretraining_streams_from_a_store_with_the_same_cells(tmp_path, synthetic_prep, atlas):
+    """A preprocessed store is a pretraining source like its in-memory AnnData: same targets, rows read lazily."""
+    from perturbdiff.data._store import StoreMatrix, open_store, write_store
+
+    write_store(synthetic_prep, tmp_path / "cells")
+    store = open_store(tmp_path / "cells")
+    assert isinstance(store.X, StoreMatrix)
+    lazy, mem = marginal_source(store, "task"), marginal_source(synthetic_prep, "task")
+    assert lazy.genes == mem.genes and len(lazy.rows) == len(mem.rows)
+    kw = {"set_size": 8, "seed": 3}
+    tokens = ["<unknown>", *sorted(set(mem.contexts.tolist()))]
+    a = MarginalSetDataset([lazy], lazy.genes, tokens, **kw).__getitems__(list(range(6))).batched
+    b = MarginalSetDataset([mem], mem.genes, tokens, **kw).__getitems__(list(range(6))).batched
+    # the store sorts cells by condition: compare the sets' cells as multisets of rows (sorted by their sums)
+    for i in range(6):
+        assert a["context"][i] == b["context"][i]
+        ka = a["target"][i][a["target"][i].sum(1).argsort()]
+        kb = b["target"][i][b["target"][i].sum(1).argsort()]
+        assert torch.allclose(ka, kb)

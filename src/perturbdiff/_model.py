@@ -15,7 +15,6 @@ from anndata import AnnData
 
 from perturbdiff import __version__
 from perturbdiff._errors import CheckpointError, DataError
-from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
 from perturbdiff.config import Config, DiffusionConfig
 from perturbdiff.data import DataKeys, get_record
@@ -27,8 +26,9 @@ from perturbdiff.data._vocab import Vocab
 from perturbdiff.diffusion import energy_distance, make_schedule
 from perturbdiff.nn import Denoiser
 from perturbdiff.predict import assemble, generate, majority, output_uns, plan_sets, with_controls
-from perturbdiff.train import Trainer, is_main, load_checkpoint
+from perturbdiff.train import Trainer, load_checkpoint
 from perturbdiff.train._checkpoint import save_checkpoint, split_prefix
+from perturbdiff.train._loop import run_trainer
 
 
 def default_device() -> torch.device:
@@ -100,18 +100,10 @@ class PerturbDiff:
                                    seed=cfg.train.seed)
         dataset = CellSetDataset(self.adata, index, self.vocab, set_size=cfg.data.set_size, seed=cfg.train.seed,
                                  control_set_fraction=cfg.data.control_set_fraction, scale=self.scale)
-        out = Path(out_dir) if out_dir else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            if is_main():  # under torchrun only rank 0 writes files
-                atomic_write_text(out / "config.toml", cfg.to_toml())
-                self.split.write(out / "split.json")
         validate = self._validator(device) if self.split.val else None
-        self.trainer = Trainer(self.network, cfg, dataset, meta=self._meta, validate=validate, out_dir=out,
-                               device=device or default_device())
-        last = out / "last.safetensors" if out is not None else None
-        if resume and last is not None and last.exists():
-            self.trainer.resume(last)
+        self.trainer = run_trainer(self.network, cfg, dataset, meta=self._meta, validate=validate, out_dir=out_dir,
+                                   device=device or default_device(), resume=resume,
+                                   files={"split.json": self.split.write})
         logger.info("training %d sets/epoch of %d cells, %d parameters", len(dataset), cfg.data.set_size,
                     sum(p.numel() for p in self.network.parameters()))
         self.trainer.fit(max_steps, progress=progress)

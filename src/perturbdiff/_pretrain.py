@@ -22,7 +22,6 @@ from torch import nn
 
 from perturbdiff import __version__
 from perturbdiff._errors import CheckpointError, ConfigError, DataError
-from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
 from perturbdiff._model import PerturbDiff, _resolve_checkpoint, default_device, with_sampler
 from perturbdiff.config import Config, ModelConfig
@@ -35,8 +34,9 @@ from perturbdiff.diffusion import ddim_sample, make_schedule
 from perturbdiff.nn import Denoiser
 from perturbdiff.nn._block import DatasetLinear
 from perturbdiff.predict import assemble, output_uns, with_controls
-from perturbdiff.train import Trainer, is_main, load_checkpoint
+from perturbdiff.train import Trainer, load_checkpoint
 from perturbdiff.train._checkpoint import save_checkpoint, split_prefix
+from perturbdiff.train._loop import run_trainer
 
 KIND = "pretrain"
 IO_LAYERS = ("keep", "reinit", "task")
@@ -97,16 +97,8 @@ class Pretrained:
         cfg = self.cfg
         dataset = MarginalSetDataset(sources, self.genes, self.vocab.contexts[0], set_size=cfg.data.set_size,
                                      seed=cfg.train.seed, scale=self.scale)
-        out = Path(out_dir) if out_dir else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            if is_main():  # under torchrun only rank 0 writes files
-                atomic_write_text(out / "config.toml", cfg.to_toml())
-        self.trainer = Trainer(self.network, cfg, dataset, meta=self._meta, validate=None, out_dir=out,
-                               device=device or default_device())
-        last = out / "last.safetensors" if out is not None else None
-        if resume and last is not None and last.exists():
-            self.trainer.resume(last)
+        self.trainer = run_trainer(self.network, cfg, dataset, meta=self._meta, validate=None, out_dir=out_dir,
+                                   device=device or default_device(), resume=resume)
         logger.info("pretraining on %d sets/epoch of %d cells (%d data sets), %d parameters", len(dataset),
                     cfg.data.set_size, len(sources), sum(p.numel() for p in self.network.parameters()))
         self.trainer.fit(max_steps, progress=progress)

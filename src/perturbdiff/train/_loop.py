@@ -288,3 +288,24 @@ def _fmt(v):
     if v is None:
         return ""
     return f"{v:.6g}" if isinstance(v, float) else v
+
+
+def run_trainer(network: nn.Module, cfg: Config, dataset, *, meta: Callable[[], dict],
+                validate: Callable[[nn.Module], dict] | None, out_dir: str | Path | None, device,
+                resume: bool = True, files: dict[str, Callable[[Path], object]] | None = None) -> Trainer:
+    """A Trainer for a run directory: rank 0 writes config.toml (and ``files``: name -> writer(path)); the run
+    continues from ``last.safetensors`` when ``resume`` and it exists."""
+    from perturbdiff._io import atomic_write_text
+    from perturbdiff.train._distributed import is_main
+
+    out = Path(out_dir) if out_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if is_main():  # under torchrun only rank 0 writes files
+            atomic_write_text(out / "config.toml", cfg.to_toml())
+            for name, write in (files or {}).items():
+                write(out / name)
+    trainer = Trainer(network, cfg, dataset, meta=meta, validate=validate, out_dir=out, device=device)
+    if resume and out is not None and (out / "last.safetensors").exists():
+        trainer.resume(out / "last.safetensors")
+    return trainer
