@@ -115,6 +115,18 @@ def test_pickle_checkpoint_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_safetensors_header_length_ending_in_0x80_is_not_mistaken_for_a_pickle(tmp_path):
+    """A safetensors file starts with its header length; a low byte of 0x80 is also the pickle magic."""
+    path = tmp_path / "c.safetensors"
+    for pad in range(300):
+        ckpt.save_checkpoint(path, {"w": torch.ones(4)}, {"pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    tensors, meta = load_checkpoint(path)
+    assert meta["pad"] == "x" * pad and torch.equal(tensors["w"], torch.ones(4))
+
+
 def test_a_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.safetensors"
     ckpt.save_checkpoint(path, {"w": torch.ones(4)}, {"step": 1})

@@ -52,9 +52,16 @@ def load_checkpoint(path: str | Path, prefixes: tuple[str, ...] | None = None) -
 
 
 def _refuse_pickle(path: Path) -> None:
-    """Pickle and torch.save zip files start with known magic bytes: name the problem instead of a parse error."""
+    """Pickle and torch.save zip files start with known magic bytes: name the problem instead of a parse error.
+
+    A safetensors file starts with its header length (u64, little-endian) and then the JSON header's ``{``; its
+    first byte may be 0x80 like a pickle's, so a file shaped like safetensors is never refused here.
+    """
     with open(path, "rb") as fh:
-        head = fh.read(4)
+        head = fh.read(9)
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size:
+        return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise CheckpointError(
             f"{path} holds a pickle / torch.save payload; PerturbDiff loads only safetensors and refuses to unpickle"
