@@ -114,8 +114,9 @@ def cmd_zeroshot(args) -> None:
 def _cell(vals: list[float]) -> str:
     import numpy as np
 
+    vals = [v for v in vals if v == v]  # NaN: undefined for this run (e.g. no DE genes)
     if not vals:
-        return ""
+        return "—"
     return f"{np.mean(vals):.3f}" if len(vals) == 1 else f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}"
 
 
