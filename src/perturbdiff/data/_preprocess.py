@@ -62,7 +62,17 @@ def preprocess(
             "flavor": HVG_FLAVOR,
             "n_train_cells": int(mask.sum()),
         }
-    record = {
+    record = make_record(keys, genes, selection, target_sum)
+    cols = adata.var_names.get_indexer(genes)
+    out = AnnData(X=X[:, cols], obs=_clean_obs(adata.obs, keys.columns), var=pd.DataFrame(index=pd.Index(genes)))
+    out.uns["perturbdiff"] = {"record": json.dumps(record)}
+    logger.info("preprocessed %d cells x %d genes (%s)", out.n_obs, out.n_vars, selection["method"])
+    return out
+
+
+def make_record(keys: DataKeys, genes: Sequence[str], selection: dict[str, Any], target_sum: float) -> dict[str, Any]:
+    """The preprocessing record: keys, transform, genes and how they were chosen, model scale, versions."""
+    return {
         "format": RECORD_FORMAT,
         "keys": keys.to_dict(),
         "input_kind": keys.input_kind,
@@ -73,11 +83,6 @@ def preprocess(
         "scale": MODEL_SCALE,
         "versions": _versions(),
     }
-    cols = adata.var_names.get_indexer(genes)
-    out = AnnData(X=X[:, cols], obs=_clean_obs(adata.obs, keys.columns), var=pd.DataFrame(index=pd.Index(genes)))
-    out.uns["perturbdiff"] = {"record": json.dumps(record)}
-    logger.info("preprocessed %d cells x %d genes (%s)", out.n_obs, out.n_vars, selection["method"])
-    return out
 
 
 def get_record(adata: AnnData) -> dict[str, Any]:

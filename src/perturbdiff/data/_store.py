@@ -45,14 +45,12 @@ from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._preprocess import (
     HVG_FLAVOR,
-    MODEL_SCALE,
-    RECORD_FORMAT,
     _clean_obs,
     _given_genes,
     _to_log1p,
     _train_mask,
-    _versions,
     get_record,
+    make_record,
 )
 from perturbdiff.data._sets import _as_csr
 from perturbdiff.data._split import condition_codes
@@ -439,10 +437,7 @@ def preprocess_store(adata: AnnData, path: str | Path, keys: DataKeys, *, n_hvg:
         raise DataError(f"{path} exists and is not a perturbdiff store (no {MARKER}); refusing to replace it")
     register(adata, keys)
     genes, selection = _choose_genes(adata, keys, n_hvg, train_mask, var_names, target_sum, chunk_cells)
-    record = {"format": RECORD_FORMAT, "keys": keys.to_dict(), "input_kind": keys.input_kind,
-              "normalize": {"target_sum": float(target_sum)} if keys.input_kind == "counts" else None,
-              "log1p": keys.input_kind == "counts", "genes": genes, "gene_selection": selection,
-              "scale": MODEL_SCALE, "versions": _versions()}  # the fields of preprocess's record
+    record = make_record(keys, genes, selection, target_sum)
     obs = _clean_obs(adata.obs, keys.columns)
     order = np.argsort(_group_codes(obs, keys)[0], kind="stable")
     uns = {"perturbdiff": {"record": json.dumps(record)}}
