@@ -226,3 +226,24 @@ def test_pretraining_streams_from_a_store_with_the_same_cells(tmp_path, syntheti
         ka = a["target"][i][a["target"][i].sum(1).argsort()]
         kb = b["target"][i][b["target"][i].sum(1).argsort()]
         assert torch.allclose(ka, kb)
+
+
+def test_an_atlas_preprocessed_into_a_store_pretrains_from_disk(tmp_path, synthetic_prep, atlas):
+    """preprocess without --pert-key (atlas: every cell a control) --store, then pretrain reads the store."""
+    raw, store, task = tmp_path / "atlas.h5ad", tmp_path / "atlas.store", tmp_path / "task.h5ad"
+    atlas.write_h5ad(raw)
+    synthetic_prep.write_h5ad(task)
+    assert main(["preprocess", str(raw), "--context-keys", "cell_type", "--input-kind", "counts", "--n-hvg", "50",
+                 "--store", str(store)]) == 0
+    assert main(["preprocess", str(raw), "--pert-key", "batch", "--context-keys", "cell_type", "--input-kind",
+                 "counts", "--store", str(tmp_path / "x")]) == 2  # --pert-key without --control-value
+    from perturbdiff.datasets import read_h5ad
+
+    src = marginal_source(read_h5ad(store), "atlas")
+    assert src.cells == "all cells" and len(src.rows) == atlas.n_obs and len(src.genes) == 50
+    sets = [x for k, v in TINY.items() for x in ("--set", f"{k}={v}")]
+    run = tmp_path / "pre"
+    assert main(["pretrain", str(task), str(store), "--names", "task,atlas", "--preset", "tiny", *sets,
+                 "--max-steps", "2", "--no-progress", "--out", str(run)]) == 0
+    pre = Pretrained.load(run)
+    assert [d["name"] for d in pre.datasets] == ["task", "atlas"] and pre.datasets[1]["n_cells"] == atlas.n_obs

@@ -20,8 +20,9 @@ from perturbdiff.datasets import read_h5ad
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", metavar="IN.h5ad", help="AnnData with raw counts or log1p values in X")
-    p.add_argument("--pert-key", required=True, help="obs column holding the perturbation label")
-    p.add_argument("--control-value", required=True, help="value of --pert-key that marks control cells")
+    p.add_argument("--pert-key", help="obs column holding the perturbation label (leave out, with --control-value, "
+                   "for unperturbed atlas data: every cell becomes a control cell, for `perturbdiff pretrain`)")
+    p.add_argument("--control-value", help="value of --pert-key that marks control cells")
     p.add_argument("--context-keys", required=True, help="comma-separated obs column(s) defining the context")
     p.add_argument("--batch-key", default=None, help="obs column holding the batch (optional)")
     p.add_argument("--dose-key", default=None, help="obs column holding the dose (optional)")
@@ -49,6 +50,19 @@ def _train_mask(adata, keys: DataKeys, split: Split) -> np.ndarray:
     return is_train[code]
 
 
+ATLAS_PERT_KEY, ATLAS_CONTROL = "perturbation", "control"
+
+
+def _atlas_mode(args: argparse.Namespace) -> bool:
+    """No --pert-key and no --control-value: unperturbed atlas data (every cell a control cell)."""
+    if (args.pert_key is None) != (args.control_value is None):
+        raise ConfigError("--pert-key and --control-value go together (leave both out for atlas data without "
+                          "perturbations)")
+    if args.pert_key is None and args.split:
+        raise ConfigError("--split needs perturbations: atlas data (no --pert-key) take no split")
+    return args.pert_key is None
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not args.out and not args.store:
@@ -56,15 +70,20 @@ def run(args: argparse.Namespace) -> int:
     contexts = tuple(c.strip() for c in args.context_keys.split(",") if c.strip())
     if not contexts:
         raise DataError("--context-keys names no column")
+    atlas = _atlas_mode(args)
     keys = DataKeys(
-        pert_key=args.pert_key,
-        control_value=args.control_value,
+        pert_key=ATLAS_PERT_KEY if atlas else args.pert_key,
+        control_value=ATLAS_CONTROL if atlas else args.control_value,
         context_keys=contexts,
         input_kind=args.input_kind,
         batch_key=args.batch_key,
         dose_key=args.dose_key,
     )
     adata = read_h5ad(args.input, backed=not args.out)  # --store alone: X stays on disk, read in chunks
+    if atlas:
+        if ATLAS_PERT_KEY in adata.obs:
+            raise DataError(f"the atlas already has an obs column {ATLAS_PERT_KEY!r}: pass it as --pert-key")
+        adata.obs[ATLAS_PERT_KEY] = ATLAS_CONTROL  # obs is in memory even for a backed file
     train_mask, var_names = None, None
     if args.split:
         split = Split.read(args.split)

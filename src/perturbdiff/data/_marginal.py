@@ -75,7 +75,7 @@ def marginal_source(adata: AnnData, name: str, *, context_keys: Sequence[str] | 
         is_ctrl = adata.obs[keys.pert_key].astype(str).to_numpy() == keys.control_value
         if not is_ctrl.any():
             raise DataError(f"{name}: no control cells ({keys.pert_key!r} == {keys.control_value!r}) to pretrain on")
-        rows, cells = np.flatnonzero(is_ctrl), "control cells"
+        rows, cells = np.flatnonzero(is_ctrl), "all cells" if is_ctrl.all() else "control cells"
         cols = adata.var_names.get_indexer(genes)
         scale = float(record.get("scale", MODEL_SCALE))
     else:
