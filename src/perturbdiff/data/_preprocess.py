@@ -179,13 +179,18 @@ def _hvg(X: sp.csr_matrix, var_names: pd.Index, mask: np.ndarray, n_hvg: int) ->
     sub = AnnData(X=X[np.flatnonzero(mask)], var=pd.DataFrame(index=pd.Index(var_names.astype(str))))
     sc.pp.highly_variable_genes(sub, n_top_genes=n_hvg, flavor=HVG_FLAVOR)
     hv = sub.var["highly_variable"].to_numpy(dtype=bool)
-    if hv.sum() > n_hvg:  # ties at the cut-off: keep the highest normalised dispersions
-        disp = np.nan_to_num(sub.var["dispersions_norm"].to_numpy(dtype=float), nan=-np.inf)
-        keep = np.argsort(-np.where(hv, disp, -np.inf), kind="stable")[:n_hvg]
+    disp = np.nan_to_num(sub.var["dispersions_norm"].to_numpy(dtype=float), nan=-np.inf)
+    return top_genes(hv, disp, n_hvg, var_names)
+
+
+def top_genes(hv: np.ndarray, disp: np.ndarray, n_top: int, var_names: pd.Index) -> list[str]:
+    """Names of the flagged HVGs; ties at the cut-off (more than n_top flagged) keep the highest dispersions."""
+    if hv.sum() > n_top:
+        keep = np.argsort(-np.where(hv, disp, -np.inf), kind="stable")[:n_top]
         hv = np.zeros_like(hv)
         hv[keep] = True
-    if hv.sum() < n_hvg:
-        logger.info("only %d genes qualify as HVGs (asked for %d)", int(hv.sum()), n_hvg)
+    if hv.sum() < n_top:
+        logger.info("only %d genes qualify as HVGs (asked for %d)", int(hv.sum()), n_top)
     return [str(g) for g in var_names[hv]]
 
 

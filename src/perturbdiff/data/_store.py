@@ -51,6 +51,7 @@ from perturbdiff.data._preprocess import (
     _train_mask,
     get_record,
     make_record,
+    top_genes,
 )
 from perturbdiff.data._sets import _as_csr
 from perturbdiff.data._split import condition_codes
@@ -522,11 +523,5 @@ def _seurat_hvg(mean: np.ndarray, var: np.ndarray, var_names: pd.Index, n_top: i
     norm = (disp - per_gene["avg"].to_numpy()) / per_gene["dev"].to_numpy()
     finite = np.sort(norm[~np.isnan(norm)])[::-1]
     hv = np.nan_to_num(norm, nan=-np.inf) >= finite[min(n_top, finite.size) - 1]
-    if hv.sum() > n_top:  # ties at the cut-off: the highest (float32) normalised dispersions, as preprocess does
-        d32 = np.nan_to_num(norm.astype(np.float32), nan=-np.inf)
-        keep = np.argsort(-np.where(hv, d32, -np.inf), kind="stable")[:n_top]
-        hv = np.zeros_like(hv)
-        hv[keep] = True
-    if hv.sum() < n_top:
-        logger.info("only %d genes qualify as HVGs (asked for %d)", int(hv.sum()), n_top)
-    return [str(g) for g in var_names[hv]]
+    d32 = np.nan_to_num(norm.astype(np.float32), nan=-np.inf)  # ties: float32 dispersions, as scanpy stores them
+    return top_genes(hv, d32, n_top, var_names)
