@@ -39,18 +39,20 @@ def cmd_pretrain(args) -> None:
     from perturbdiff.datasets import simulate_atlas
 
     work = Path(args.work)
-    sources = [marginal_source(prepare(s, work, Path(args.shared))[0], s.split("_")[0]) for s in SPLITS]
+    every = set(args.all_cells.split(",")) if args.all_cells else set()
+    sources = [marginal_source(prepare(s, work, Path(args.shared))[0], s.split("_")[0], all_cells=s.split("_")[0]
+                               in every) for s in SPLITS]
     atlas = simulate_atlas(args.atlas_cells, 1000, n_cell_types=8, n_batches=4, seed=0)
     sources.append(marginal_source(atlas, "atlas", context_keys=["cell_type"], input_kind="counts", n_hvg=500))
     cfg = _cfg(args, **{"train.seed": 0})
     t0 = time.perf_counter()
     pre = Pretrained.from_sources(cfg, sources)
-    pre.train(sources, out_dir=work / "pretrain" / "run", progress=False, resume=False)
+    pre.train(sources, out_dir=work / "pretrain" / args.pretrained, progress=False, resume=False)
     info = {"train_s": time.perf_counter() - t0, "steps": args.steps, "preset": args.preset,
             "n_genes": len(pre.genes), "datasets": [{k: v for k, v in d.items() if k not in ("genes", "contexts")}
                                                     for d in pre.datasets],
             "sets_per_epoch": len(pre.trainer.dataset), "command": " ".join(sys.argv)}
-    (work / "pretrain" / "pretrain.json").write_text(json.dumps(info, indent=1))
+    (work / "pretrain" / f"{args.pretrained}.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
 
 
@@ -60,7 +62,7 @@ def cmd_run(args) -> None:
 
     work = Path(args.work)
     prep, split, _ = prepare(args.split, work, Path(args.shared))
-    pre = Pretrained.load(work / "pretrain" / "run") if "finetuned" in args.arms else None
+    pre = Pretrained.load(work / "pretrain" / args.pretrained) if "finetuned" in args.arms else None
     for frac in [float(f) for f in args.fractions.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for arm in args.arms.split(","):
@@ -76,7 +78,7 @@ def cmd_run(args) -> None:
                 model.train(out_dir=dest / "run", progress=False, resume=False)
                 t_train = time.perf_counter() - t0
                 model = PerturbDiff.load(dest / "run", adata=prep)
-                pred = model.predict(subset="test", seed=seed, progress=False)
+                pred = model.predict(subset="test", seed=seed, progress=False, start=args.start)
                 table, _ = score({"m": pred}, prep, split)
                 res = {**table.loc["m"].to_dict(), "train_s": t_train, "arm": arm, "fraction": frac, "seed": seed,
                        "io_layers": args.io_layers if arm == "finetuned" else None, "command": " ".join(sys.argv)}
@@ -92,7 +94,7 @@ def cmd_zeroshot(args) -> None:
 
     work = Path(args.work)
     prep, split, _ = prepare(args.split, work, Path(args.shared))
-    pre = Pretrained.load(work / "pretrain" / "run")
+    pre = Pretrained.load(work / "pretrain" / args.pretrained)
     label = "zero-shot"
     if args.untrained:  # the same architecture and vocabulary, freshly initialised: what zero-shot gets for free
         from perturbdiff.nn import Denoiser
@@ -155,6 +157,10 @@ def main() -> None:
         q.add_argument("--arms", default="scratch,finetuned", help="scratch and/or finetuned")
         q.add_argument("--io-layers", default="keep", choices=["keep", "reinit", "task"], help="finetuning layers")
         q.add_argument("--atlas-cells", type=int, default=20_000, help="synthetic atlas cells (pretrain)")
+        q.add_argument("--pretrained", default="run", help="name of the pretraining run under WORK/pretrain/")
+        q.add_argument("--all-cells", default="", help="pretrain: data sets (kang, devel) whose cells all count")
+        q.add_argument("--start", choices=["full", "truncated"],
+                       help="run: sampler start (default: the config's; the tables used truncated, the then default)")
         q.add_argument("--tag", default="", help="run: suffix of the arm's label (e.g. -2000steps)")
         q.add_argument("--untrained", action="store_true", help="zeroshot: a freshly initialised network instead")
     args = p.parse_args()

@@ -62,6 +62,8 @@ def test_sources_take_control_cells_of_a_task_and_all_cells_of_an_atlas(sources,
     is_ctrl = synthetic_prep.obs["perturbation"].astype(str).to_numpy() == "control"
     assert np.array_equal(task.rows, np.flatnonzero(is_ctrl)) and task.cells == "control cells"
     assert len(plain.rows) == atlas.n_obs and plain.cells == "all cells" and len(plain.genes) == 60
+    every = marginal_source(synthetic_prep, "task", all_cells=True)
+    assert np.array_equal(every.rows, np.arange(synthetic_prep.n_obs)) and every.cells == "all cells"
     assert set(plain.contexts.tolist()) == set(atlas.obs["cell_type"].astype(str))
 
 

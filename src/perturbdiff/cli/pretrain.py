@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context column(s) of a data set; NAME= selects the data set, without it the columns apply "
                         "to every data set lacking a record (repeatable). Default for preprocessed files: their "
                         "recorded context columns")
+    p.add_argument("--all-cells", metavar="NAME[,NAME]",
+                   help="data sets whose perturbed cells are targets too (context only, as unperturbed cells); never "
+                        "the task you will finetune on: its held-out perturbed cells would leak")
     p.add_argument("--input-kind", choices=["counts", "log1p"],
                    help="what X holds in the files without a PerturbDiff record; never guessed")
     p.add_argument("--n-hvg", type=int, default=2000,
@@ -57,8 +60,12 @@ def run(args: argparse.Namespace) -> int:
     if len(names) != len(args.data):
         raise DataError(f"--names gives {len(names)} names for {len(args.data)} data sets")
     per, default = _context_keys(args.context_keys, names)
+    every = [n.strip() for n in args.all_cells.split(",")] if args.all_cells else []
+    unknown = [n for n in every if n not in names]
+    if unknown:
+        raise DataError(f"--all-cells names data set {unknown[0]!r}, not one of {', '.join(names)}")
     sources = [marginal_source(read_h5ad(path), name, context_keys=per.get(name) or default,
-                               input_kind=args.input_kind, n_hvg=args.n_hvg)
+                               input_kind=args.input_kind, n_hvg=args.n_hvg, all_cells=name in every)
                for path, name in zip(args.data, names)]
     model = Pretrained.from_sources(cfg, sources)
     out = Path(args.out)

@@ -60,12 +60,15 @@ def _context_tokens(obs: pd.DataFrame, context_keys: Sequence[str]) -> np.ndarra
 
 
 def marginal_source(adata: AnnData, name: str, *, context_keys: Sequence[str] | None = None,
-                    input_kind: str | None = None, n_hvg: int = 2000, target_sum: float = 1e4) -> MarginalSource:
+                    input_kind: str | None = None, n_hvg: int = 2000, target_sum: float = 1e4,
+                    all_cells: bool = False) -> MarginalSource:
     """A pretraining source from a preprocessed AnnData (its record's genes, its control cells) or a plain one.
 
     A plain AnnData (no PerturbDiff record: e.g. an atlas without perturbations) needs ``context_keys`` and
     ``input_kind``; it is normalised and log1p-transformed like ``preprocess`` does, its top ``n_hvg`` HVGs are its
-    genes, and all its cells are targets.
+    genes, and all its cells are targets. ``all_cells=True`` makes every cell of a preprocessed data set a target,
+    perturbed ones included (the paper pools all training cells): never for the task's own data, whose held-out
+    perturbed cells would leak into pretraining.
     """
     if "perturbdiff" in adata.uns:
         record = get_record(adata)
@@ -75,6 +78,8 @@ def marginal_source(adata: AnnData, name: str, *, context_keys: Sequence[str] | 
         is_ctrl = adata.obs[keys.pert_key].astype(str).to_numpy() == keys.control_value
         if not is_ctrl.any():
             raise DataError(f"{name}: no control cells ({keys.pert_key!r} == {keys.control_value!r}) to pretrain on")
+        if all_cells:
+            is_ctrl[:] = True
         rows, cells = np.flatnonzero(is_ctrl), "all cells" if is_ctrl.all() else "control cells"
         cols = adata.var_names.get_indexer(genes)
         scale = float(record.get("scale", MODEL_SCALE))
