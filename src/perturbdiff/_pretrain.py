@@ -27,8 +27,8 @@ from perturbdiff._model import PerturbDiff, _resolve_checkpoint, default_device,
 from perturbdiff.config import Config, ModelConfig
 from perturbdiff.data import DataKeys, get_record
 from perturbdiff.data._marginal import CONTEXT_SEP, MarginalSetDataset, MarginalSource, gene_vocabulary
-from perturbdiff.data._sets import _as_csr
 from perturbdiff.data._split import Condition, Split, condition_codes
+from perturbdiff.data._store import nonzero_stats
 from perturbdiff.data._vocab import PAD, UNKNOWN, Vocab
 from perturbdiff.diffusion import ddim_sample, make_schedule
 from perturbdiff.nn import Denoiser
@@ -80,13 +80,14 @@ class Pretrained:
         vocab = Vocab(pert=[PAD, "control", UNKNOWN], contexts=[[UNKNOWN, *tokens]], context_keys=["context"])
         torch.manual_seed(cfg.train.seed)
         network = Denoiser(cfg.model, len(genes), vocab.sizes, n_datasets=len(sources))
-        clip_max, zero_level = _value_stats(sources)
+        clip_max, levels = _value_stats(sources)
         summary = {"n_genes": len(genes), "n_datasets": len(sources), "n_contexts": len(tokens),
                    "n_cells": int(sum(len(s.rows) for s in sources))}
         logger.info("pretraining vocabulary: %d genes (union of %s), %d contexts", len(genes),
                     " + ".join(f"{s.name} {len(s.genes)}" for s in sources), len(tokens))
-        return cls(cfg, network, genes, [s.describe() for s in sources], vocab, scale=sources[0].scale,
-                   clip_max=clip_max, zero_level=zero_level, summary=summary)
+        datasets = [s.describe() | {"zero_level": q} for s, q in zip(sources, levels)]
+        return cls(cfg, network, genes, datasets, vocab, scale=sources[0].scale,
+                   clip_max=clip_max, zero_level=min(levels), summary=summary)
 
     def train(self, sources: Sequence[MarginalSource], max_steps: int | None = None,
               out_dir: str | Path | None = None, *, progress: bool = True, resume: bool = True,
@@ -195,7 +196,9 @@ class Pretrained:
         conditions = [(tuple(map(str, c)), str(p)) for c, p in conditions]
         if not conditions:
             raise DataError(f"no conditions to predict (subset {subset!r} is empty)")
-        counts = _n_cells(adata, keys, conditions, n_cells, split, subset)
+        code, present = condition_codes(adata, keys)  # once: cell counts per condition, whether controls exist
+        real = dict(zip(present, np.bincount(code, minlength=len(present)).tolist()))
+        counts = _n_cells(real, conditions, n_cells, split, subset)
         genes = [str(g) for g in adata.var_names]
         d = self.dataset_index(dataset, genes)
         dcfg = with_sampler(self.cfg.diffusion, sampler_steps=steps, sampler_start=start)
@@ -210,8 +213,7 @@ class Pretrained:
                            len(genes))
         parts = [(i, k, _on_genes(c, pos)) for i, k, c in parts]
         pred = assemble(parts, conditions, genes, keys, scale=self.scale)
-        ctrl = condition_codes(adata, keys)[1]
-        if include_controls and any(p == keys.control_value for _, p in ctrl):
+        if include_controls and any(p == keys.control_value for _, p in present):
             pred = with_controls(pred, adata, keys, {c for c, _ in conditions})
         pred.uns["perturbdiff"] = output_uns(get_record(adata), mode="zero-shot", dataset=self.datasets[d]["name"],
                                              steps=dcfg.sampler_steps, start=dcfg.sampler_start,
@@ -225,7 +227,8 @@ class Pretrained:
         cond = np.repeat(np.arange(len(counts)), [math.ceil(n / S) for n in counts])  # (N,)
         device = torch.device(device or default_device())
         net = self.network.to(device).eval()
-        auto = 0.5 * self.zero_level / self.scale if dcfg.auto_zero else 0.0
+        level = self.datasets[d].get("zero_level", self.zero_level)  # the data set whose output layer speaks
+        auto = 0.5 * level / self.scale if dcfg.auto_zero else 0.0
         out = np.zeros((len(cond), S, V), np.float32)
         for c in range(0, len(cond), batch_size):
             sl = slice(c, min(c + batch_size, len(cond)))
@@ -256,36 +259,26 @@ def _on_genes(cells: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return out
 
 
-def _n_cells(adata, keys, conditions, n_cells, split, subset) -> list[int]:
-    """Given, the split's test_n_cells, or the real count of each condition (at least one set's worth if absent)."""
+def _n_cells(real: dict, conditions, n_cells, split, subset) -> list[int]:
+    """Given, the split's test_n_cells, or the real count of each condition (``real``: condition -> cells)."""
     if isinstance(n_cells, (int, np.integer)):
         return [int(n_cells)] * len(conditions)
     if n_cells is not None:
         return [int(n) for n in n_cells]
     if split is not None and subset == "test" and split.test_n_cells and list(conditions) == list(split.test):
         return list(split.test_n_cells)
-    code, present = condition_codes(adata, keys)
-    count = dict(zip(present, np.bincount(code, minlength=len(present)).tolist()))
-    missing = [c for c in conditions if not count.get(c)]
+    missing = [c for c in conditions if not real.get(c)]
     if missing:
         raise DataError(f"no cells of condition {missing[0]!r} in the data to size the prediction: pass n_cells")
-    return [count[c] for c in conditions]
+    return [real[c] for c in conditions]
 
 
-def _value_stats(sources: Sequence[MarginalSource], max_rows: int = 20_000) -> tuple[float | None, float]:
-    """clip_max (largest model-space value) and zero_level (1st percentile of non-zero log1p values), from up to
-    ``max_rows`` seeded rows per source."""
-    rng = np.random.default_rng(0)
-    vals, top = [], 0.0
-    for s in sources:
-        rows = s.rows if len(s.rows) <= max_rows else np.sort(rng.choice(s.rows, max_rows, replace=False))
-        X = _as_csr(s.adata.X[rows])[:, s.cols]
-        if X.nnz:
-            vals.append(X.data)
-            top = max(top, float(X.data.max()))
-    if not vals:
-        return None, 0.0
-    return top / sources[0].scale, float(np.quantile(np.concatenate(vals), 0.01))
+def _value_stats(sources: Sequence[MarginalSource]) -> tuple[float | None, list[float]]:
+    """clip_max (largest model-space value of any source) and each source's zero level (1st percentile of its
+    non-zero log1p values; data sets differ: depth, normalisation), exact and chunked for a store."""
+    stats = [nonzero_stats(s.adata.X, s.rows) for s in sources]
+    top = max((vmax for vmax, _, nnz in stats if nnz), default=None)
+    return (None if top is None else top / sources[0].scale), [q01 if nnz else 0.0 for _, q01, nnz in stats]
 
 
 # -- finetuning ---------------------------------------------------------------------------------------------

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-from perturbdiff.cli.train import add_config_arguments, resolve_config
+from perturbdiff.cli.train import add_config_arguments, best_note, resolve_config, speak_on_rank0, train_in_group
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,10 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from perturbdiff._pretrain import Pretrained, finetune
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
-    from perturbdiff.train import cleanup, is_main
 
-    if not is_main():  # under torchrun one process speaks
-        logger.setLevel(max(logger.level, logging.WARNING))
+    speak_on_rank0()
     pre = Pretrained.load(args.pretrained, which=args.checkpoint)
     if args.preset is None and args.config is None:
         args.preset = pre.cfg.preset  # the pretrained run's size preset; its architecture is kept in any case
@@ -43,13 +40,8 @@ def run(args: argparse.Namespace) -> int:
     model = finetune(pre, cfg, adata, split, io_layers=args.io_layers, dataset=args.from_dataset)
     out = Path(args.out)
     logger.info("finetuning (io layers %s) %d steps, run directory %s", args.io_layers, model.cfg.train.max_steps, out)
-    try:  # under torchrun every process runs this; the Trainer joins the process group
-        model.train(out_dir=out, progress=not args.no_progress, resume=not args.no_resume, device=args.device)
-    finally:
-        cleanup()
-    if not is_main():
-        return 0
-    state = model.trainer.state
-    best = f"best step {state.best_step} (val energy distance {state.best_score:.4f})" if state.best_step >= 0 else ""
-    print(f"finetuned {state.step} steps from {args.pretrained}; checkpoints in {out} {best}".rstrip())
+    if train_in_group(lambda: model.train(out_dir=out, progress=not args.no_progress, resume=not args.no_resume,
+                                          device=args.device)):
+        state = model.trainer.state
+        print(f"finetuned {state.step} steps from {args.pretrained}; checkpoints in {out} {best_note(state)}".rstrip())
     return 0

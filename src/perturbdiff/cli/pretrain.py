@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from perturbdiff._errors import DataError
-from perturbdiff.cli.train import add_config_arguments, resolve_config
+from perturbdiff.cli.train import add_config_arguments, resolve_config, speak_on_rank0, train_in_group
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,10 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from perturbdiff._pretrain import Pretrained
     from perturbdiff.data._marginal import marginal_source
     from perturbdiff.datasets import read_h5ad
-    from perturbdiff.train import cleanup, is_main
 
-    if not is_main():  # under torchrun one process speaks
-        logger.setLevel(max(logger.level, logging.WARNING))
+    speak_on_rank0()
     args.fraction = None
     cfg = resolve_config(args)
     names = [n.strip() for n in args.names.split(",")] if args.names else [Path(d).stem for d in args.data]
@@ -70,12 +67,8 @@ def run(args: argparse.Namespace) -> int:
     model = Pretrained.from_sources(cfg, sources)
     out = Path(args.out)
     logger.info("preset %s, %d steps, run directory %s", cfg.preset, cfg.train.max_steps, out)
-    try:  # under torchrun every process runs this; the Trainer joins the process group
-        model.train(sources, out_dir=out, progress=not args.no_progress, resume=not args.no_resume, device=args.device)
-    finally:
-        cleanup()
-    if not is_main():
-        return 0
-    print(f"pretrained {model.trainer.state.step} steps on {len(sources)} data sets, {len(model.genes)} genes, "
-          f"{len(model.vocab.contexts[0]) - 1} contexts; checkpoints in {out}")
+    if train_in_group(lambda: model.train(sources, out_dir=out, progress=not args.no_progress,
+                                          resume=not args.no_resume, device=args.device)):
+        print(f"pretrained {model.trainer.state.step} steps on {len(sources)} data sets, {len(model.genes)} genes, "
+              f"{len(model.vocab.contexts[0]) - 1} contexts; checkpoints in {out}")
     return 0

@@ -69,22 +69,41 @@ def run(args: argparse.Namespace) -> int:
     from perturbdiff import PerturbDiff
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
-    from perturbdiff.train import cleanup, is_main
 
-    if not is_main():  # under torchrun one process speaks
-        logger.setLevel(max(logger.level, logging.WARNING))
+    speak_on_rank0()
     cfg = resolve_config(args)
     adata = read_h5ad(args.data)
     split = Split.read(args.split)
     model = PerturbDiff.from_config(cfg, adata, split)
     out = Path(args.out)
     logger.info("preset %s, %d steps, run directory %s", cfg.preset, cfg.train.max_steps, out)
-    try:  # under torchrun every process runs this; the Trainer joins the process group
-        model.train(out_dir=out, progress=not args.no_progress, resume=not args.no_resume, device=args.device)
+    if train_in_group(lambda: model.train(out_dir=out, progress=not args.no_progress, resume=not args.no_resume,
+                                          device=args.device)):
+        print(f"trained {model.trainer.state.step} steps; checkpoints in {out} {best_note(model.trainer.state)}"
+              .rstrip())
+    return 0
+
+
+def speak_on_rank0() -> None:
+    """Under torchrun only rank 0 logs; call before any work (every process runs the whole command)."""
+    from perturbdiff.train import is_main
+
+    if not is_main():
+        logger.setLevel(max(logger.level, logging.WARNING))
+
+
+def train_in_group(train) -> bool:
+    """Run ``train()`` (under torchrun the Trainer joins the process group), then leave the group; whether this
+    process reports (rank 0, or the only process)."""
+    from perturbdiff.train import cleanup, is_main
+
+    try:
+        train()
     finally:
         cleanup()
-    state = model.trainer.state
-    best = f"best step {state.best_step} (val energy distance {state.best_score:.4f})" if state.best_step >= 0 else ""
-    if is_main():
-        print(f"trained {state.step} steps; checkpoints in {out} {best}".rstrip())
-    return 0
+    return is_main()
+
+
+def best_note(state) -> str:
+    """The best validation step of a finished run, for its last line ("" without validation)."""
+    return f"best step {state.best_step} (val energy distance {state.best_score:.4f})" if state.best_step >= 0 else ""

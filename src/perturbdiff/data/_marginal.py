@@ -32,9 +32,8 @@ class MarginalSource:
     """One pretraining data set: the rows used as targets, its genes and a context token per row."""
 
     name: str
-    adata: AnnData  # log1p values; X may be a lazy (on-disk) row reader
+    adata: AnnData  # log1p values on exactly ``genes``, in that order; X may be a lazy (on-disk) row reader
     rows: np.ndarray  # [n] rows of adata used as targets
-    cols: np.ndarray  # [g] columns of adata.X holding ``genes``
     genes: list[str]
     contexts: np.ndarray  # [n] context token (str) of each target row
     context_keys: tuple[str, ...]
@@ -81,7 +80,8 @@ def marginal_source(adata: AnnData, name: str, *, context_keys: Sequence[str] | 
         if all_cells:
             is_ctrl[:] = True
         rows, cells = np.flatnonzero(is_ctrl), "all cells" if is_ctrl.all() else "control cells"
-        cols = adata.var_names.get_indexer(genes)
+        if [str(g) for g in adata.var_names] != genes:
+            raise DataError(f"{name}: the genes differ from its preprocessing record; re-run perturbdiff preprocess")
         scale = float(record.get("scale", MODEL_SCALE))
     else:
         if not context_keys or input_kind is None:
@@ -94,14 +94,14 @@ def marginal_source(adata: AnnData, name: str, *, context_keys: Sequence[str] | 
         _context_tokens(adata.obs, ctx_keys)  # missing column: clear error before the work
         X = _to_log1p(adata.X, input_kind, target_sum)
         genes = _hvg(X, adata.var_names, np.ones(adata.n_obs, bool), n_hvg)
-        adata = AnnData(X=X, obs=adata.obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+        cols = adata.var_names.get_indexer(genes)  # select the genes once, not per batch
+        adata = AnnData(X=X[:, cols], obs=adata.obs, var=pd.DataFrame(index=pd.Index(genes)))
         rows, cells = np.arange(adata.n_obs), "all cells"
-        cols = adata.var_names.get_indexer(genes)
         scale = MODEL_SCALE
     contexts = _context_tokens(adata.obs.iloc[rows], ctx_keys)
     logger.info("pretraining source %s: %d %s x %d genes, %d contexts", name, len(rows), cells, len(genes),
                 len(set(contexts.tolist())))
-    return MarginalSource(name, adata, rows, np.asarray(cols, np.int64), genes, contexts, ctx_keys, cells, scale)
+    return MarginalSource(name, adata, rows, genes, contexts, ctx_keys, cells, scale)
 
 
 def gene_vocabulary(gene_lists: Sequence[Sequence[str]]) -> list[str]:
@@ -172,7 +172,7 @@ class MarginalSetDataset(Dataset):
         for d in np.unique(ds).tolist():
             sel = np.flatnonzero(ds == d)
             src = self.sources[d]
-            X = _as_csr(src.adata.X[src.rows[self._local[rows[sel].ravel()]]])[:, src.cols]  # (n·S, g_d)
+            X = _as_csr(src.adata.X[src.rows[self._local[rows[sel].ravel()]]])  # (n·S, g_d)
             vals = X.toarray().reshape(len(sel), S, -1) / np.float32(self.scale)
             out[np.ix_(sel, np.arange(S), self.gene_pos[d])] = vals
         zeros = torch.zeros(B, dtype=torch.int64)
