@@ -154,7 +154,7 @@ def test_external_pert_table_is_frozen_and_projected():
 
 
 def test_context_dropout_only_in_training():
-    model = randomized(Denoiser(tiny_cfg(context_dropout=1.0), G, VOCAB))
+    model = randomized(Denoiser(tiny_cfg(context_dropout=1.0, pert_dropout=0.0, batch_dropout=0.0), G, VOCAB))
     x_t, x_self, x_ctrl, t, cov = make_inputs()
     unknown = {**cov, "context": torch.zeros_like(cov["context"])}
     assert not torch.allclose(model(x_t, x_self, x_ctrl, t, cov), model(x_t, x_self, x_ctrl, t, unknown))

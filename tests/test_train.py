@@ -13,7 +13,7 @@ import perturbdiff.train._checkpoint as ckpt
 from perturbdiff import CheckpointError, Config, DataError, PerturbDiff
 from perturbdiff.data import DataKeys, preprocess
 from perturbdiff.data._split import Split
-from perturbdiff.train import load_checkpoint, lr_factor
+from perturbdiff.train import Trainer, load_checkpoint, lr_factor
 
 SHIFTED = np.arange(8)  # genes the perturbation "UP" raises
 
@@ -80,11 +80,27 @@ def test_training_lowers_loss_and_moves_samples_toward_the_condition(tmp_path):
     assert shift[SHIFTED].mean() > 1.0 > abs(np.delete(shift, SHIFTED).mean())
 
 
-def test_resume_gives_the_same_next_steps_as_an_unbroken_run(tmp_path):
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Make training stop with Ctrl-C once ``step`` steps are done (the loop saves ``last`` on the way out)."""
+    real = Trainer.train_step
+
+    def train_step(self, batches):
+        if self.state.step == step:
+            raise KeyboardInterrupt
+        return real(self, batches)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def test_resume_gives_the_same_next_steps_as_an_unbroken_run(tmp_path, monkeypatch):
     adata, split = planted_data(n_per_group=40)
-    cfg = tiny_config(max_steps=6, val_every=3, log_every=1)
+    cfg = tiny_config(max_steps=6, val_every=2, log_every=1)
     full = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "a", progress=False)
-    PerturbDiff.from_config(cfg, adata, split).train(max_steps=3, out_dir=tmp_path / "b", progress=False)
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "b", progress=False)
+    assert load_checkpoint(tmp_path / "b" / "last.safetensors")[1]["state"]["step"] == 3
     resumed = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "b", progress=False)
     la, lb = pd.read_csv(tmp_path / "a" / "log.csv"), pd.read_csv(tmp_path / "b" / "log.csv")
     assert list(lb["step"]) == [1, 2, 3, 4, 5, 6]
@@ -171,3 +187,138 @@ def test_external_embedding_table_makes_an_unseen_perturbation_representable(tmp
     assert "NEW" in loaded.info()["representable"] and "NEW" not in loaded.info()["perturbations"]
     with pytest.raises(DataError, match="'MISSING'"):
         loaded.predict([(("A",), "MISSING")], n_cells=5, progress=False)
+
+
+# -- regression tests of the correctness review (issue 11) ---------------------------------------------------------
+def test_ema_warmup_forgets_the_random_initialisation():
+    from perturbdiff.train._ema import EMA
+
+    net = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        net.weight.zero_()  # the "initialisation" the average starts from
+    ema, plain = EMA(net, decay=0.999, every=1), EMA(net, decay=0.999, every=1, warmup=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)  # the trained weights, constant from step 1 on
+    for step in range(1, 2001):
+        ema.update(net, step)
+        plain.update(net, step)
+    init_share = 1.0 - float(ema.module.weight.mean())
+    assert init_share < 1e-4, init_share
+    assert 1.0 - float(plain.module.weight.mean()) == pytest.approx(0.999 ** 2000, rel=1e-3)  # 13.5 % left
+
+
+def _scripted_validator(scores):
+    """A validator whose scores are given (lower is better), one per validation."""
+    it = iter(scores)
+
+    def make(self, device):
+        return lambda net: {"val_score": next(it)}
+
+    return make
+
+
+def test_after_train_the_object_holds_the_best_checkpoints_weights(tmp_path, monkeypatch):
+    from perturbdiff.cli import main
+    from perturbdiff.train._checkpoint import split_prefix
+
+    adata, split = planted_data(n_per_group=40)
+    monkeypatch.setattr(PerturbDiff, "_validator", _scripted_validator([1.0, 0.5, 2.0]))  # best at step 4 of 6
+    model = PerturbDiff.from_config(tiny_config(max_steps=6, val_every=2), adata, split)
+    model.train(out_dir=tmp_path / "run", progress=False)
+    best, meta = load_checkpoint(tmp_path / "run" / "best.safetensors", prefixes=("ema.",))
+    assert meta["state"]["best_step"] == 4
+    last = split_prefix(load_checkpoint(tmp_path / "run" / "last.safetensors", prefixes=("ema.",))[0], "ema")
+    held = model.network.state_dict()
+    assert all(torch.equal(held[k], v) for k, v in split_prefix(best, "ema").items())
+    assert not all(torch.equal(held[k], v) for k, v in last.items())
+    # the Python API and the CLI predict the same cells
+    adata.write_h5ad(tmp_path / "data.h5ad")
+    split.write(tmp_path / "split.json")
+    assert main(["predict", str(tmp_path / "run"), "--data", str(tmp_path / "data.h5ad"), "--split",
+                 str(tmp_path / "split.json"), "--out", str(tmp_path / "pred.h5ad")]) == 0
+    import anndata as ad
+
+    cli = ad.read_h5ad(tmp_path / "pred.h5ad")
+    py = model.predict(progress=False)
+    np.testing.assert_array_equal(cli.X.toarray(), py.X.toarray())
+
+
+def test_train_max_steps_rescales_the_learning_rate_schedule(tmp_path):
+    adata, split = planted_data(n_per_group=40)
+    cfg = tiny_config(max_steps=200, val_every=1000, log_every=1, warmup_steps=5)
+    model = PerturbDiff.from_config(cfg, adata, split).train(max_steps=30, out_dir=tmp_path, progress=False)
+    lr = pd.read_csv(tmp_path / "log.csv")["lr"].to_numpy()
+    want = cfg.train.lr * lr_factor(29, cfg.update({"train": {"max_steps": 30}}).train)
+    assert lr[-1] == pytest.approx(want, rel=1e-4)
+    assert lr[-1] < 0.2 * cfg.train.lr  # the cosine has reached (near) its floor of 0.1
+    assert model.cfg.train.max_steps == 30  # and the run records its real budget
+    assert "max_steps = 30" in (tmp_path / "config.toml").read_text()
+
+
+def test_no_weight_decay_on_biases_and_norms_by_role():
+    from perturbdiff.nn import Denoiser
+    from perturbdiff.train._optim import param_groups
+
+    cfg = Config.from_preset("tiny").model
+    net = Denoiser(cfg, 12, {"pert": 5, "contexts": [3], "batch": 1, "dose": 1}, n_datasets=2)
+    decay, no_decay = param_groups(net, 0.01)
+    ids = {id(p) for p in no_decay["params"]}
+    names = {n for n, p in net.named_parameters() if id(p) in ids}
+    assert net.x_in.bias.ndim == 2 and "x_in.bias" in names  # the per-data-set [D, out] bias
+    assert "final.linear.bias" in names and "cov_encoder.null" in names
+    assert all(n.endswith("bias") or "norm" in n or n.endswith("null") for n in names), names
+    assert all(n in names for n, _ in net.named_parameters() if n.endswith("bias"))
+    assert any(n.endswith("q_norm.weight") for n in names)
+    assert id(net.x_in.weight) in {id(p) for p in decay["params"]}
+
+
+def test_both_self_conditioning_passes_see_one_label_dropout():
+    from perturbdiff.diffusion import make_schedule, training_loss
+    from perturbdiff.nn import Denoiser
+
+    cfg = Config.from_preset("tiny").update({"model": {"context_dropout": 0.5, "pert_dropout": 0.5,
+                                                        "batch_dropout": 0.5},
+                                             "diffusion": {"self_cond_prob": 1.0}})
+    net = Denoiser(cfg.model, 10, {"pert": 8, "contexts": [4], "batch": 3, "dose": 1}).train()
+    seen = []
+    for emb in (net.cov_encoder.contexts[0], net.cov_encoder.pert, net.cov_encoder.batch):
+        emb.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    B, S = 64, 4
+    batch = {"target": torch.rand(B, S, 10), "control": torch.rand(B, S, 10),
+             "pert": torch.randint(3, 8, (B, 2)), "context": torch.randint(1, 4, (B, 1)),
+             "batch": torch.randint(1, 3, (B,)), "dose": torch.zeros(B, dtype=torch.long)}
+    torch.manual_seed(0)
+    training_loss(net, make_schedule(1000), batch, cfg.diffusion, generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 6
+    for first, second in zip(seen[:3], seen[3:]):
+        assert torch.equal(first, second)
+    pert, context = seen[0], seen[1]  # forward order: perturbation parts, context, batch
+    assert (context == 0).any() and (context != 0).any()  # dropout did replace some labels
+    assert (pert == 2).any()  # and some perturbation parts became the generic token
+
+
+def test_training_draws_do_not_depend_on_unsaved_generator_state(tmp_path):
+    """The next step follows from (seed, step) alone: a GPU resume, whose CUDA generator is not saved, is exact."""
+    adata, split = planted_data(n_per_group=40)
+    cfg = tiny_config(max_steps=4, val_every=1000, log_every=1)
+
+    def losses(disturb: bool):
+        model = PerturbDiff.from_config(cfg, adata, split)
+        trainer = Trainer(model.network, model.cfg, _dataset(model), meta=model._meta)
+        batches = trainer._batches()
+        out = []
+        for _ in range(4):
+            if disturb:
+                torch.manual_seed(1234)  # what a lost generator state looks like
+            out.append(trainer.train_step(batches)["loss"])
+        return out
+
+    assert losses(False) == losses(True)
+
+
+def _dataset(model: PerturbDiff):
+    from perturbdiff.data._sets import CellSetDataset, CellSetIndex
+
+    index = CellSetIndex.build(model.adata, model.keys, model.split.train)
+    return CellSetDataset(model.adata, index, model.vocab, set_size=model.cfg.data.set_size, seed=0,
+                          control_set_fraction=model.cfg.data.control_set_fraction, scale=model.scale)

@@ -14,7 +14,7 @@ import torch
 from anndata import AnnData
 
 from perturbdiff import __version__
-from perturbdiff._errors import CheckpointError, DataError
+from perturbdiff._errors import CheckpointError, ConfigError, DataError
 from perturbdiff._logging import logger
 from perturbdiff.config import Config, DiffusionConfig
 from perturbdiff.data import DataKeys, get_record
@@ -95,6 +95,10 @@ class PerturbDiff:
         """Train on the split's training conditions (+ control→control sets); keeps best and last checkpoints."""
         if self.adata is None or self.split is None:
             raise DataError("training needs the AnnData and split given to PerturbDiff.from_config")
+        if max_steps is not None and max_steps < 1:
+            raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
+        if max_steps and max_steps != self.cfg.train.max_steps:  # the run's budget: the LR schedule ends there
+            self.cfg = self.cfg.update({"train": {"max_steps": int(max_steps)}})
         cfg = self.cfg
         index = CellSetIndex.build(self.adata, self.keys, self.split.train, fraction=cfg.data.fraction,
                                    seed=cfg.train.seed)
@@ -111,9 +115,9 @@ class PerturbDiff:
         return self
 
     def _use_ema(self) -> None:
-        """After training, sample with the EMA weights (SPEC §3)."""
+        """After training, sample with the best checkpoint's EMA weights (SPEC §3), as a run directory does."""
         if self.trainer is not None:
-            self.network.load_state_dict(self.trainer.ema.state_dict())
+            self.network.load_state_dict(self.trainer.best_weights())
 
     def _validator(self, device):
         """Cheap but meaningful score on validation conditions: energy distance and delta correlation."""

@@ -95,6 +95,8 @@ class Pretrained:
         """Denoise sets of each data set's target cells (MSE + ED on its genes only); best = last checkpoint."""
         if [s.name for s in sources] != [d["name"] for d in self.datasets]:
             raise DataError("train() needs the same data sets, in the same order, as from_sources()")
+        if max_steps and max_steps != self.cfg.train.max_steps:  # the run's budget: the LR schedule ends there
+            self.cfg = self.cfg.update({"train": {"max_steps": int(max_steps)}})
         cfg = self.cfg
         dataset = MarginalSetDataset(sources, self.genes, self.vocab.contexts[0], set_size=cfg.data.set_size,
                                      seed=cfg.train.seed, scale=self.scale)

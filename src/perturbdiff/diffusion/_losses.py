@@ -142,7 +142,10 @@ def training_loss(
     ctrl = batch["control"]
     x_self = torch.zeros_like(x_t)
     if cfg.self_cond_prob > 0:
-        with torch.no_grad():
+        # the network's label dropout draws from the global generators: the first pass runs on a fork of them, so
+        # the second pass replays the same draws and both passes see one conditioning per set
+        forked = [dev] if dev.type != "cpu" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=forked, device_type=dev.type):
             first = model(x_t, x_self, ctrl, t, cov, uncond, ctrl_drop).float()  # (B, S, G)
         x_self = torch.where(use_self[:, None, None], first, x_self)
     x0_hat = model(x_t, x_self, ctrl, t, cov, uncond, ctrl_drop).float()  # (B, S, G)

@@ -70,7 +70,7 @@ class Trainer:
         self.net.to(self.device)
         self.sched = make_schedule(cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
         self.opt = make_optimizer(self.net, cfg.train)
-        self.ema = EMA(self.net, cfg.train.ema_decay, cfg.train.ema_every)
+        self.ema = EMA(self.net, cfg.train.ema_decay, cfg.train.ema_every, cfg.train.ema_warmup)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         self.state = TrainState()
         self.forward_net = torch.compile(self.net) if cfg.train.compile else self.net  # shares self.net's weights
@@ -116,7 +116,8 @@ class Trainer:
         return parts
 
     def _seed_step(self) -> None:
-        """Several ranks: noise streams derived from (seed, rank, step), so every rank resumes exactly unsaved."""
+        """Noise streams derived from (seed, rank, step), so a run resumes exactly without saving generator states
+        (the CUDA generator's included, which label dropout draws from on a GPU), on any number of ranks."""
         a, b = step_seeds(self.cfg.train.seed, self.dist.rank, self.state.step)
         self.gen.manual_seed(a)
         torch.manual_seed(b)  # covariate dropout draws from the global RNG (CPU and CUDA)
@@ -124,10 +125,9 @@ class Trainer:
     def train_step(self, batches: Iterator[dict]) -> dict:
         """One optimiser step (``grad_accum`` micro-batches, DDP all-reduce on the last only); averaged loss parts."""
         self.net.train()
-        if self.dist.enabled:
-            if self.ddp is None:
-                raise RuntimeError("under several processes train_step runs inside fit() (gradients sync via DDP)")
-            self._seed_step()
+        if self.dist.enabled and self.ddp is None:
+            raise RuntimeError("under several processes train_step runs inside fit() (gradients sync via DDP)")
+        self._seed_step()  # every step's draws (CPU and CUDA) follow from (seed, rank, step): resume is exact anywhere
         lr = set_lr(self.opt, self.state.step, self.cfg.train)
         self.opt.zero_grad(set_to_none=True)
         acc: dict[str, float] = {}
@@ -163,7 +163,12 @@ class Trainer:
             gc.collect()
 
     def fit(self, max_steps: int | None = None, progress: bool = True) -> TrainState:
-        """Train until ``max_steps`` (default: the config's budget); saves last/best under ``out_dir``."""
+        """Train until ``max_steps`` (default: the config's budget); saves last/best under ``out_dir``.
+
+        A ``max_steps`` other than the config's becomes the run's budget: the learning-rate schedule ends there.
+        """
+        if max_steps and max_steps != self.cfg.train.max_steps:
+            self.cfg = self.cfg.update({"train": {"max_steps": int(max_steps)}})
         self.state.world_size = self.dist.world_size
         with self._data_parallel():
             return self._loop(max_steps or self.cfg.train.max_steps, progress)
@@ -219,9 +224,18 @@ class Trainer:
         score = scores.get("val_score", math.inf)
         if score < self.state.best_score:
             self.state.best_score, self.state.best_step = score, self.state.step
+            self._best_ema = {k: v.detach().clone() for k, v in self.ema.state_dict().items()}
             self.save("best")
         logger.debug("step %d validation %s", self.state.step, scores)
         return scores
+
+    def best_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA weights of the best validation checkpoint (what ``predict`` on the run directory loads): from
+        ``best.safetensors`` when the run writes files, else the copy kept when it was chosen, else the EMA now."""
+        path = self.checkpoint_path("best")
+        if path is not None and path.exists():
+            return split_prefix(load_checkpoint(path, prefixes=("ema.",))[0], "ema")
+        return getattr(self, "_best_ema", None) or self.ema.state_dict()
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def checkpoint_path(self, name: str) -> Path | None:

@@ -9,14 +9,30 @@ from torch import nn
 
 from perturbdiff.config import TrainConfig
 
+_NORMS = tuple(c for c in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None), nn.modules.batchnorm._BatchNorm)
+               if c is not None)
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters that take no weight decay, decided by role: every bias (also the per-data-set [D, out] biases),
+    every normalisation layer's parameters and the learned null vector of classifier-free guidance."""
+    names = set()
+    for mod_name, mod in model.named_modules():
+        for name, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{name}" if mod_name else name
+            if name == "bias" or isinstance(mod, _NORMS) or name == "null":
+                names.add(full)
+    return names
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices decay; biases, norms, embeddings' null vectors and other 1-d tensors do not."""
+    """Two groups: weights decay; biases, norms and the null vector do not (by role, not by tensor rank)."""
+    skip = no_decay_names(model)
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (no_decay if name in skip else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -31,7 +47,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak LR at ``step``: linear warm-up, plateau, cosine decay to ``min_lr_ratio``."""
+    """Multiplier of the peak LR at ``step``: linear warm-up, plateau, cosine decay to ``min_lr_ratio`` at
+    ``cfg.max_steps`` (the budget of the run: ``Trainer.fit(max_steps)`` writes it into its config)."""
     total = max(cfg.max_steps, 1)
     warm = min(cfg.warmup_steps, total)
     if step < warm:
