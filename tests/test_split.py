@@ -60,7 +60,7 @@ def test_split_invariants(adata, strategy):
     perturbed = {((c,), p) for c in CTX for p in PERTS}
     assert train | val | test == perturbed  # controls are never listed
     assert s.test_n_cells == [3] * len(s.test)
-    assert s.var_names == list(adata.var_names) and s.strategy == strategy
+    assert s.var_names is None and s.strategy == strategy  # genes are chosen later, on the training cells
     assert make_split(adata, KEYS, strategy, seed=3).to_dict() == s.to_dict()  # reproducible from the seed
     others = [make_split(adata, KEYS, strategy, seed=k).to_dict() for k in range(4, 10)]
     assert any(o != s.to_dict() for o in others)
@@ -141,7 +141,11 @@ def test_check_against_data(adata):
     s = make_split(adata, KEYS, "held-out-contexts", holdout=["T"])
     s.check(adata, KEYS)
     s.test.append((("Kidney",), "A"))
-    with pytest.raises(DataError, match="Kidney"):
+    s.check(adata, KEYS)  # a test condition never measured is valid: users predict what they have not measured
+    with pytest.raises(DataError, match="test condition.*Kidney/A"):
+        s.check(adata, KEYS, need_test=True)  # only scoring needs its cells
+    s.val.append((("Kidney",), "B"))
+    with pytest.raises(DataError, match="val condition.*Kidney/B"):
         s.check(adata, KEYS)
     with pytest.raises(DataError, match="condition"):
         make_split(adata, KEYS, "held-out-contexts").check(

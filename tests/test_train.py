@@ -19,13 +19,13 @@ SHIFTED = np.arange(8)  # genes the perturbation "UP" raises
 
 
 def planted_data(n_per_group: int = 96, n_genes: int = 40, seed: int = 0) -> tuple[AnnData, Split]:
-    """Two contexts; perturbation UP adds +2 (log1p) to genes 0-7; DOWN silences genes 8-15."""
+    """Three contexts; perturbation UP adds +2 (log1p) to genes 0-7; DOWN silences genes 8-15."""
     rng = np.random.default_rng(seed)
-    groups = [(ctx, p) for ctx in ("A", "B") for p in ("control", "UP", "DOWN")]
+    groups = [(ctx, p) for ctx in ("A", "B", "C") for p in ("control", "UP", "DOWN")]
     blocks, obs = [], []
     for ctx, p in groups:
         base = rng.gamma(2.0, 0.5, size=(n_per_group, n_genes)) * (rng.random((n_per_group, n_genes)) < 0.5)
-        base += 0.5 if ctx == "B" else 0.0
+        base += {"A": 0.0, "B": 0.5, "C": 0.25}[ctx]
         if p == "UP":
             base[:, SHIFTED] += 2.0
         if p == "DOWN":
@@ -39,7 +39,7 @@ def planted_data(n_per_group: int = 96, n_genes: int = 40, seed: int = 0) -> tup
     keys = DataKeys("perturbation", "control", ("cell_type",), "log1p")
     prep = preprocess(adata, keys, var_names=list(adata.var_names))
     split = Split(name="planted", pert_col="perturbation", control="control", context_cols=["cell_type"],
-                  train=[(("A",), "UP"), (("B",), "UP"), (("A",), "DOWN")], val=[(("B",), "DOWN")],
+                  train=[(("A",), "UP"), (("B",), "UP"), (("A",), "DOWN"), (("C",), "UP")], val=[(("C",), "DOWN")],
                   test=[(("B",), "DOWN")])
     return prep, split
 
@@ -185,7 +185,7 @@ def test_external_embedding_table_makes_an_unseen_perturbation_representable(tmp
     assert pred.n_obs == 5
     loaded = PerturbDiff.load(tmp_path / "run", adata=adata)
     assert "NEW" in loaded.info()["representable"] and "NEW" not in loaded.info()["perturbations"]
-    with pytest.raises(DataError, match="'MISSING'"):
+    with pytest.raises(DataError, match=r"A/MISSING hold .*: MISSING"):
         loaded.predict([(("A",), "MISSING")], n_cells=5, progress=False)
 
 

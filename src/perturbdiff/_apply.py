@@ -8,7 +8,6 @@ context-value tuple of them as one control pool and generates each requested per
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from perturbdiff._errors import ConfigError, DataError
-from perturbdiff._logging import logger
+from perturbdiff._logging import logger, warn
 from perturbdiff._model import with_sampler
 from perturbdiff.data import DataKeys, apply_record, get_record
 from perturbdiff.data._sets import _as_csr
@@ -362,5 +361,4 @@ def _warn_collapse(report: pd.DataFrame, threshold: float, checked: bool) -> Non
     msg = (f"predicted responses of different perturbations are nearly identical in context(s) "
            f"{', '.join(bad['context'])} (all pairwise r of mean shifts > {threshold}, min "
            f"{bad['min_r'].min():.3f}); {why}. The model may ignore the perturbation (collapsed predictions).")
-    logger.warning(msg)
-    warnings.warn(msg, stacklevel=3)
+    warn(msg, stacklevel=4)

@@ -2,7 +2,22 @@
 
 
 class PerturbDiffError(Exception):
-    """Base class of errors caused by the user's input, not by a bug."""
+    """Base class of errors caused by the user's input, not by a bug.
+
+    ``python`` / ``cli``: the remedy in the words of each interface (``missing_genes='zero'`` vs
+    ``--missing-genes zero``); ``str(e)`` carries the Python one, the command line prints :meth:`for_cli`.
+    """
+
+    def __init__(self, message: str = "", *, python: str | None = None, cli: str | None = None):
+        super().__init__(message)
+        self.message, self.python, self.cli = message, python, cli
+
+    def __str__(self) -> str:
+        return self.message + (f"; {self.python}" if self.python else "")
+
+    def for_cli(self) -> str:
+        hint = self.cli or self.python
+        return self.message + (f"; {hint}" if hint else "")
 
 
 class DataError(PerturbDiffError, ValueError):

@@ -15,14 +15,15 @@ from anndata import AnnData
 
 from perturbdiff import __version__
 from perturbdiff._errors import CheckpointError, ConfigError, DataError
-from perturbdiff._logging import logger
+from perturbdiff._logging import is_cli, logger, warn
 from perturbdiff.config import Config, DiffusionConfig
 from perturbdiff.data import DataKeys, get_record
 from perturbdiff.data._embeddings import align_table, read_embedding_table
+from perturbdiff.data._preprocess import align_genes
 from perturbdiff.data._sets import CellSetDataset, CellSetIndex, _as_csr
 from perturbdiff.data._split import Condition, Split, training_mask
 from perturbdiff.data._store import nonzero_stats, row_mean
-from perturbdiff.data._vocab import Vocab
+from perturbdiff.data._vocab import Vocab, unseen_error
 from perturbdiff.diffusion import energy_distance, make_schedule
 from perturbdiff.nn import Denoiser
 from perturbdiff.predict import assemble, generate, majority, output_uns, plan_sets, with_controls
@@ -73,7 +74,10 @@ class PerturbDiff:
         if table is not None:  # table-only labels: their learned part starts at zero, only the table speaks
             with torch.no_grad():
                 network.cov_encoder.pert.weight[3 + len(seen):] = 0.0
-        vmax, q01, nnz = nonzero_stats(adata.X, np.flatnonzero(training_mask(adata, keys, split)))  # store: chunked
+        train_rows = np.flatnonzero(training_mask(adata, keys, split))
+        _check_gene_selection(record, len(train_rows), adata.n_obs)
+        _check_test_representable(vocab, split)
+        vmax, q01, nnz = nonzero_stats(adata.X, train_rows)  # store: chunked
         scale = float(record.get("scale", 10.0))
         clip_max = vmax / scale if nnz else None
         zero_level = q01 if nnz else 0.0  # lowest real non-zero level (log1p)
@@ -181,15 +185,19 @@ class PerturbDiff:
                 adata: AnnData | None = None, n_cells: int | Sequence[int] | None = None, n_samples: int = 1,
                 guidance: float | None = None, steps: int | None = None, start: str | None = None,
                 seed: int = 0, include_controls: bool = True, progress: bool = True,
-                device: str | torch.device | None = None, unknown_perturbations: str = "error") -> AnnData:
+                device: str | torch.device | None = None, unknown_perturbations: str = "error",
+                missing_genes: str = "error") -> AnnData:
         """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout.
 
         A perturbation part never seen in training (and absent from the embedding table) is an error naming it;
         ``unknown_perturbations="generic"`` instead predicts it as the generic perturbation token (logged).
+        ``adata``'s genes are matched to the run's by name; genes it lacks are an error naming them, or zeros with
+        ``missing_genes="zero"`` (warned about when more than a few).
         """
         adata = adata if adata is not None else self.adata
         if adata is None:
             raise DataError("predict needs an AnnData with control cells (pass adata=)")
+        adata = align_genes(adata, self.genes, missing_genes=missing_genes)
         if conditions is None:
             if self.split is None:
                 raise DataError("no conditions given and the model has no split")
@@ -197,7 +205,10 @@ class PerturbDiff:
         conditions = [(tuple(map(str, c)), str(p)) for c, p in conditions]
         if not conditions:
             raise DataError(f"no conditions to predict (subset {subset!r} is empty)")
-        self.vocab.encode_pert([p for _, p in conditions], unknown_perturbations)  # unknown: clear error, up front
+        if unknown_perturbations != "generic":  # every condition no route can represent, in one line, up front
+            unseen = self.vocab.unseen_parts([p for _, p in conditions])
+            if unseen:
+                raise unseen_error(unseen, [c for c in conditions if c[1] in unseen])
         index = CellSetIndex.build(adata, self.keys, conditions)
         n_cells = self._n_cells(index, conditions, n_cells, subset)
         dcfg = with_sampler(self.cfg.diffusion, guidance=guidance, sampler_steps=steps, sampler_start=start)
@@ -273,6 +284,25 @@ class PerturbDiff:
                 "batches": self.vocab.batch[1:], "keys": self.keys.to_dict(), "record": self.record,
                 "split": self.split.summary() if self.split else None, "summary": self.summary,
                 "config": self.cfg.to_dict(), **getattr(self, "checkpoint_meta", {})}
+
+
+def _check_gene_selection(record: dict, n_train: int, n_obs: int) -> None:
+    """Warn when the genes were chosen as HVGs of more cells than the split may learn from (test cells
+    included: SPEC §1 wants them chosen on training cells only)."""
+    sel = record.get("gene_selection") or {}
+    n_sel = sel.get("n_train_cells")
+    if sel.get("method") == "hvg" and n_sel is not None and int(n_sel) > n_train:
+        warn(f"the genes were chosen as HVGs of {n_sel} cells, but this split may learn from {n_train} of the "
+             f"{n_obs}: held-out cells shaped the gene selection; preprocess the raw file with this split "
+             "(perturbdiff preprocess --split, or preprocess(..., split=)) to choose them on training cells only")
+
+
+def _check_test_representable(vocab: Vocab, split: Split) -> None:
+    """Name, before training, every test condition whose perturbation no route can represent."""
+    unseen = vocab.unseen_parts([p for _, p in split.test])
+    if unseen:
+        err = unseen_error(unseen, [c for c in split.test if c[1] in unseen])
+        warn(f"known before training: {err.for_cli() if is_cli() else err}")
 
 
 def _resolve_checkpoint(path: Path, which: str) -> Path:

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from perturbdiff._errors import PerturbDiffError
-from perturbdiff._logging import setup_cli_logging
+from perturbdiff._logging import end_cli_logging, setup_cli_logging
 
 # subcommand -> module under perturbdiff.cli; each module defines add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
@@ -56,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except PerturbDiffError as e:
-        print(f"perturbdiff {args.command}: error: {e}", file=sys.stderr)
+        print(f"perturbdiff {args.command}: error: {e.for_cli()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"perturbdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        end_cli_logging()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from perturbdiff._errors import ConfigError, DataError
 
-CONTROLS_ONLY = ("perturbations", "context_keys", "input_kind", "missing_genes", "pseudobulk", "doses",
+CONTROLS_ONLY = ("perturbations", "context_keys", "input_kind", "pseudobulk", "doses",
                  "batch_key", "reference")
 DATA_ONLY = ("split", "subset")
 
@@ -26,14 +26,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     own.add_argument("--context-keys", metavar="COL[,COL]",
                      help="your obs column(s) holding the context, in the order of the run's context columns")
     own.add_argument("--input-kind", choices=["counts", "log1p"], help="what X of --controls holds; never guessed")
-    own.add_argument("--missing-genes", default="error", choices=["error", "zero"],
-                     help="run genes absent from your file: error (default, lists them) or fill with zeros")
     own.add_argument("--pseudobulk", action="store_true",
                      help="write one mean row per (context, perturbation, sample) instead of cells")
     own.add_argument("--doses", metavar="D1,D2", help="doses to predict at (runs trained with a dose key)")
     own.add_argument("--batch-key", help="your obs column holding batch values of the run's batch vocabulary")
     own.add_argument("--reference", metavar="TRAIN.h5ad",
                      help="the run's preprocessed training data: the collapse check compares against its shifts")
+    p.add_argument("--missing-genes", default="error", choices=["error", "zero"],
+                   help="genes of the run absent from --data/--controls (matched by name): error, listing them "
+                        "(default), or fill with zeros")
+    p.add_argument("--unknown-perturbations", default="error", choices=["error", "generic"],
+                   help="perturbation parts never seen in training (and in no embedding table): error, naming every "
+                        "such condition (default), or predict them as the generic perturbation token")
     p.add_argument("--from-dataset", metavar="NAME",
                    help="zero-shot: pretraining data set whose output layer to use (default: most shared genes)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the run")
@@ -118,7 +122,8 @@ def _predict_split(args: argparse.Namespace):
         model.split = Split.read(args.split)
     return model.predict(subset=args.subset or "test", n_cells=args.n_cells, n_samples=args.n_samples,
                          guidance=args.guidance, steps=args.steps, start=args.start, seed=args.seed,
-                         include_controls=not args.no_controls, progress=not args.no_progress, device=args.device)
+                         include_controls=not args.no_controls, progress=not args.no_progress, device=args.device,
+                         missing_genes=args.missing_genes, unknown_perturbations=args.unknown_perturbations)
 
 
 def _zero_shot(args: argparse.Namespace, adata):

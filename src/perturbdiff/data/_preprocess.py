@@ -14,13 +14,14 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from perturbdiff._errors import ConfigError, DataError
-from perturbdiff._logging import logger
+from perturbdiff._logging import logger, warn
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._validate import (
     as_str_categorical,
     check_genes,
     check_input_kind,
     check_values,
+    duplicate_names,
     register,
 )
 
@@ -37,12 +38,26 @@ def preprocess(
     train_mask: np.ndarray | None = None,
     var_names: Sequence[str] | None = None,
     target_sum: float = 1e4,
+    split=None,
 ) -> AnnData:
     """counts: normalize_total -> log1p (log1p input kept); genes = ``var_names`` or top HVGs of train cells.
 
-    Returns a new AnnData (X float32 CSR log1p); the record of every step is in uns["perturbdiff"]["record"].
+    ``split``: choose the HVGs on its training cells (training conditions + every control cell; SPEC §1), or take
+    its ``var_names`` when it brings them; ``train_mask`` gives the cells directly. Without either, the HVGs come
+    from every cell, held-out ones included. Returns a new AnnData (X float32 CSR log1p); the record of every step
+    is in uns["perturbdiff"]["record"].
     """
     register(adata, keys)
+    if split is not None:
+        from perturbdiff.data._split import training_mask
+
+        if train_mask is not None:
+            raise ConfigError("pass split or train_mask, not both")
+        split.check(adata, keys)
+        if split.var_names and var_names is None:
+            var_names = split.var_names
+        else:
+            train_mask = training_mask(adata, keys, split)
     X = _to_log1p(adata.X, keys.input_kind, target_sum)  # (N, G_all) CSR float32
     if var_names is not None:
         genes = _given_genes(adata.var_names, var_names)
@@ -120,19 +135,64 @@ def apply_record(
     idx = adata.var_names.get_indexer(genes)
     missing = [g for g, i in zip(genes, idx) if i < 0]
     if missing and missing_genes == "error":
-        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-        raise DataError(
-            f"{len(missing)} of {len(genes)} recorded genes are missing from the data: {shown}; "
-            "pass missing_genes='zero' to fill them with zeros"
-        )
-    if missing:
-        logger.info("%d of %d recorded genes are missing; filled with zeros", len(missing), len(genes))
+        raise missing_genes_error(missing, len(genes))
+    warn_zero_fill(len(missing), len(genes))
     X = _take_columns(_to_log1p(adata.X, input_kind, target_sum), idx)  # (N, G_record)
     keys = record.get("keys") or {}
     cols = [c for c in DataKeys.from_dict(keys).columns if c in adata.obs.columns] if keys else []
     out = AnnData(X=X, obs=_clean_obs(adata.obs, cols), var=pd.DataFrame(index=pd.Index(genes)))
     applied = {**dict(record), "applied": {"input_kind": input_kind, "n_missing_genes": len(missing)}}
     out.uns["perturbdiff"] = {"record": json.dumps(applied)}
+    return out
+
+
+#: zero-filling more than this share of the run's genes is warned about loudly
+ZERO_FILL_WARN = 0.05
+
+
+def missing_genes_error(missing: Sequence[str], n_genes: int, what: str = "the data") -> DataError:
+    """One line naming the run's genes that ``what`` lacks, with the remedy in Python and CLI words."""
+    shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+    return DataError(f"{len(missing)} of {n_genes} of the run's genes are missing from {what}: {shown}",
+                     python="pass missing_genes='zero' to fill them with zeros",
+                     cli="pass --missing-genes zero to fill them with zeros")
+
+
+def warn_zero_fill(n_missing: int, n_genes: int) -> None:
+    """Info for a few zero-filled genes; a loud warning past ``ZERO_FILL_WARN`` of them."""
+    if not n_missing:
+        return
+    share = n_missing / max(n_genes, 1)
+    if share > ZERO_FILL_WARN:
+        warn(f"{n_missing} of {n_genes} genes ({share:.0%}) are missing and filled with zeros: predictions for "
+             "these cells rest on an incomplete profile and may be unreliable")
+    else:
+        logger.info("%d of %d recorded genes are missing; filled with zeros", n_missing, n_genes)
+
+
+def align_genes(adata: AnnData, genes: Sequence[str], *, missing_genes: str = "error",
+                what: str = "the data") -> AnnData:
+    """``adata`` with exactly ``genes``, in that order, matched BY NAME: foreign genes are dropped, missing ones
+    refused (one line naming them) or, with ``missing_genes="zero"``, filled with zeros. Returned unchanged when
+    the genes already match; values are not transformed."""
+    if missing_genes not in ("error", "zero"):
+        raise ConfigError(f"missing_genes must be 'error' or 'zero', got {missing_genes!r}")
+    genes = [str(g) for g in genes]
+    names = pd.Index(adata.var_names.astype(str))
+    if names.equals(pd.Index(genes)):
+        return adata
+    check_genes(names)
+    idx = names.get_indexer(genes)
+    missing = [g for g, i in zip(genes, idx) if i < 0]
+    if missing and missing_genes == "error":
+        raise missing_genes_error(missing, len(genes), what)
+    warn_zero_fill(len(missing), len(genes))
+    n_foreign = len(names) - int((idx >= 0).sum())
+    logger.info("genes of %s matched by name to the run's %d genes (%d reordered or dropped, %d zero-filled)",
+                what, len(genes), n_foreign, len(missing))
+    out = AnnData(X=_take_columns(_to_csr(adata.X), idx), obs=adata.obs.copy(),
+                  var=pd.DataFrame(index=pd.Index(genes)))
+    out.uns = dict(adata.uns)
     return out
 
 
@@ -215,11 +275,19 @@ def _take_columns(X: sp.csr_matrix, idx: np.ndarray) -> sp.csr_matrix:
 
 
 def _clean_obs(obs: pd.DataFrame, key_cols: Sequence[str]) -> pd.DataFrame:
-    """A copy of obs with the key columns as categoricals of strings and a string index."""
+    """A copy of obs with the key columns as categoricals of strings and a unique string index (repeated cell
+    names get anndata's ``-1``, ``-2`` suffixes, with a warning: cells are told apart by name downstream)."""
     out = obs.copy()
     for c in key_cols:
         out[c] = as_str_categorical(obs[c])
     out.index = out.index.astype(str)
+    n_dup = duplicate_names(out.index)
+    if n_dup:
+        from anndata.utils import make_index_unique
+
+        out.index = make_index_unique(out.index)
+        warn(f"{n_dup} cell names repeat an earlier one; made unique by appending -1, -2, ... "
+             "(anndata's obs_names_make_unique)")
     return out
 
 

@@ -25,6 +25,19 @@ STRATEGIES = (
 )
 
 
+def label(cond: Condition) -> str:
+    """A condition in plain values: ``CD14 Mono/IFNB`` (several context values joined by commas)."""
+    ctx, pert = cond
+    return f"{','.join(map(str, ctx))}/{pert}"
+
+
+def labels(conds, limit: int = 20) -> str:
+    """Every condition (up to ``limit``, then how many more), in plain values."""
+    conds = list(conds)
+    shown = ", ".join(label(c) for c in conds[:limit])
+    return shown + (f" and {len(conds) - limit} more" if len(conds) > limit else "")
+
+
 def obs_codes(obs: pd.DataFrame, col: str, *, required: bool = True) -> tuple[np.ndarray, list[str]]:
     """Integer codes (-1 = missing) and string categories of one obs column, without per-cell string work."""
     if col not in obs.columns:
@@ -182,8 +195,13 @@ class Split:
         return atomic_write_json(path, self.to_dict())
 
     # -- validation --------------------------------------------------------------------------------------
-    def check(self, adata, keys: DataKeys) -> None:
-        """Raise DataError if the columns disagree with ``keys`` or conditions are absent from ``adata``."""
+    def check(self, adata, keys: DataKeys, *, need_test: bool = False) -> None:
+        """Raise DataError if the columns disagree with ``keys``, subsets overlap, or train/val conditions are
+        absent from ``adata``.
+
+        Test conditions may have no cells in the file (conditions the user wants predicted, never measured; a
+        benchmark's training file): only scoring them needs their cells, ``need_test=True``.
+        """
         if self.pert_col != keys.pert_key:
             raise DataError(f"split pert_col {self.pert_col!r} differs from the data's pert_key {keys.pert_key!r}")
         if list(self.context_cols) != list(keys.context_keys):
@@ -193,16 +211,20 @@ class Split:
             )
         if self.control != keys.control_value:
             raise DataError(f"split control {self.control!r} differs from the data's control {keys.control_value!r}")
+        for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+            overlap = sorted(set(getattr(self, a)) & set(getattr(self, b)))
+            if overlap:
+                raise DataError(f"{len(overlap)} condition(s) are both in {a} and {b}: {labels(overlap)}")
         _, present = condition_codes(adata, keys)
         present_set = set(present)
-        absent = [c for s in SUBSETS for c in getattr(self, s) if c not in present_set]
-        if absent:
-            shown = ", ".join(f"{list(c)}/{p}" for c, p in absent[:5])
-            raise DataError(f"{len(absent)} split condition(s) are absent from the data, e.g. {shown}")
-        overlap = set(self.train) & (set(self.val) | set(self.test))
-        if overlap:
-            c, p = sorted(overlap)[0]
-            raise DataError(f"{len(overlap)} condition(s) are both in train and val/test, e.g. {list(c)}/{p}")
+        if not any(p != keys.control_value for _, p in present):
+            raise DataError(f"the data hold only {keys.control_value!r} cells in column {keys.pert_key!r}: "
+                            "training needs the perturbed cells of the split's training conditions")
+        for subset in ("train", "val", "test") if need_test else ("train", "val"):
+            absent = [c for c in getattr(self, subset) if c not in present_set]
+            if absent:
+                raise DataError(f"{len(absent)} {subset} condition(s) of split {self.name!r} have no cells in the "
+                                f"data: {labels(absent)}")
 
     def summary(self) -> str:
         """One line: name, strategy and the number of conditions per subset."""
@@ -355,7 +377,8 @@ def make_split(
     n_cells = dict(zip(conds, np.bincount(code, minlength=len(conds)).tolist()))
     perturbed = sorted(c for c in conds if c[1] != keys.control_value)
     if not perturbed:
-        raise DataError(f"column {keys.pert_key!r} has no perturbed cells (only {keys.control_value!r})")
+        raise DataError(f"the data hold only {keys.control_value!r} cells in column {keys.pert_key!r}: a split "
+                        "needs perturbed cells")
     holdout = [holdout] if isinstance(holdout, str) else None if holdout is None else [str(h) for h in holdout]
     rng = np.random.default_rng(seed)
     val, test, holdout = _STRATEGY_FNS[strategy](perturbed, keys, rng, holdout, train_fraction, n_val)
@@ -372,7 +395,7 @@ def make_split(
         val=sorted(val),
         test=test_l,
         test_n_cells=[n_cells[c] for c in test_l],
-        var_names=[str(g) for g in adata.var_names],
+        var_names=None,  # genes are chosen afterwards, on the split's training cells (preprocess --split)
         seed=int(seed),
         strategy=strategy,
         extra={"holdout": holdout},

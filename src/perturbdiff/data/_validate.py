@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,20 +22,33 @@ _LOG1P_MAX = 30.0  # log1p of normalised counts never comes near this (log1p(1e6
 def register(adata: AnnData, keys: DataKeys) -> DataKeys:
     """Check ``adata`` against ``keys`` (columns, control value, genes, scale of X); raise or warn."""
     check_input_kind(keys.input_kind)
-    obs = adata.obs
+    check_obs(adata.obs, keys)
+    check_genes(adata.var_names)
+    check_values(adata.X, keys.input_kind)
+    _warn_groups(adata.obs, keys)
+    return keys
+
+
+def check_obs(obs: pd.DataFrame, keys: DataKeys) -> None:
+    """The cells' annotations alone (no X): cells present, key columns complete, the control value present (else
+    the closest values are named)."""
+    if len(obs) == 0:
+        raise DataError("the data hold no cells (0 rows in obs)")
     for col, role in _roles(keys):
         _check_column(obs, col, role)
     pert = as_str_categorical(obs[keys.pert_key])
-    if keys.control_value not in set(pert.categories):
-        shown = ", ".join(repr(c) for c in list(pert.categories)[:8])
-        raise DataError(
-            f"control value {keys.control_value!r} not found in obs column {keys.pert_key!r}; "
-            f"its values include {shown}"
-        )
-    check_genes(adata.var_names)
-    check_values(adata.X, keys.input_kind)
-    _warn_groups(obs, keys)
-    return keys
+    values = [str(c) for c in pert.categories]
+    if keys.control_value not in set(values):
+        close = difflib.get_close_matches(keys.control_value, values, n=3, cutoff=0.5)
+        close += [v for v in values if keys.control_value.lower() in v.lower() and v not in close][:3]
+        hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+                else f"its values include {', '.join(repr(c) for c in values[:8])}")
+        raise DataError(f"control value {keys.control_value!r} not found in obs column {keys.pert_key!r}; {hint}")
+
+
+def duplicate_names(index: pd.Index) -> int:
+    """Number of cell names that repeat an earlier one."""
+    return int(pd.Index(index).duplicated().sum())
 
 
 def check_input_kind(kind: str) -> None:

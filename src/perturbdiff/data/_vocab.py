@@ -13,6 +13,7 @@ from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._split import Condition, obs_codes
+from perturbdiff.data._split import labels as cond_labels
 
 PAD, UNKNOWN, NONE = "<pad>", "<unknown>", "<none>"
 GENERIC = 2  # pert index of <unknown>: a generic perturbation, trained by perturbation dropout
@@ -108,24 +109,32 @@ class Vocab:
         lookup = {p: i for i, p in enumerate(self.pert) if i > 0 and p != UNKNOWN}
         generic = self.pert.index(UNKNOWN) if unknown == "generic" and UNKNOWN in self.pert else None
         uniq, inverse = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+        unseen = self.unseen_parts(uniq.tolist())
+        if unseen and generic is None:
+            raise unseen_error(unseen)
         rows = []
         for label in uniq.tolist():
             parts = [label] if label == self.control else pert_parts(label)
-            missing = [q for q in parts if q not in lookup]
-            if missing and generic is not None:
+            if label in unseen:
                 logger.warning("perturbation %s (in %r) was not seen in training: using the generic perturbation "
-                               "token", ", ".join(map(repr, missing)), label)
-                rows.append([lookup.get(q, generic) for q in parts])
-                continue
-            if missing or not parts:
-                name = ", ".join(map(repr, missing)) or repr(label)
-                raise DataError(f"perturbation {name} (in {label!r}) was not seen in training: no learned embedding")
-            rows.append([lookup[q] for q in parts])
+                               "token", ", ".join(map(repr, unseen[label])), label)
+            rows.append([lookup.get(q, generic) for q in parts])
         width = max([1, *map(len, rows)])
         table = np.zeros((len(rows), width), dtype=np.int64)
         for i, r in enumerate(rows):
             table[i, : len(r)] = r
         return table[inverse.reshape(-1)]
+
+    def unseen_parts(self, labels: Sequence[str]) -> dict[str, list[str]]:
+        """{label: its parts without a learned or table embedding} for every label that has such parts."""
+        lookup = {p for i, p in enumerate(self.pert) if i > 0 and p != UNKNOWN}
+        out = {}
+        for label in dict.fromkeys(map(str, labels)):
+            parts = [label] if label == self.control else pert_parts(label)
+            missing = [q for q in parts if q not in lookup] or ([] if parts else [label])
+            if missing:
+                out[label] = missing
+        return out
 
     def _lookup(self, vocab: list[str], values, what: str, unknown: str) -> np.ndarray:
         """Index of each value in ``vocab[1:]``; unseen values raise (unknown="error") or map to 0."""
@@ -164,3 +173,18 @@ class Vocab:
             dose = self._lookup(self.dose, list(dose_values), "dose", unknown)
         pert = self.encode_pert([c[1] for c in conditions], unknown_pert) if n else np.zeros((0, 1), dtype=np.int64)
         return Covariates(pert=pert, context=ctx, batch=batch, dose=dose)
+
+
+def unseen_error(unseen: dict[str, list[str]], conditions: Sequence | None = None) -> DataError:
+    """One line naming every perturbation (or condition) whose parts no route can represent, with the remedies."""
+    parts = sorted({q for qs in unseen.values() for q in qs})
+    if conditions:
+        what = f"{len(conditions)} condition(s) {cond_labels(conditions)} hold"
+    else:
+        what = f"{len(unseen)} perturbation(s) {', '.join(unseen)} hold"
+    return DataError(f"{what} perturbation part(s) never seen in training and absent from any embedding table: "
+                     f"{', '.join(parts)}",
+                     python="predict them as the generic perturbation with unknown_perturbations='generic', or "
+                            "give a table (model.pert_embedding)",
+                     cli="predict them as the generic perturbation with --unknown-perturbations generic, or give "
+                         "a table (--set model.pert_embedding=FILE)")
