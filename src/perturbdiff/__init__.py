@@ -7,12 +7,12 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
-from perturbdiff._errors import CheckpointError, ConfigError, DataError, PerturbDiffError
+from perturbdiff._errors import CheckpointError, ConfigError, DataError, OutputError, PerturbDiffError
 from perturbdiff.config import Config
 
 __all__ = [
     "PerturbDiff", "Config", "log2_fold_changes", "collapse_diagnostic", "pseudobulk_of",
-    "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "__version__",
+    "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "OutputError", "__version__",
 ]
 
 

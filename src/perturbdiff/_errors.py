@@ -30,3 +30,7 @@ class ConfigError(PerturbDiffError, ValueError):
 
 class CheckpointError(PerturbDiffError):
     """A checkpoint is missing, incomplete or unsafe to load."""
+
+
+class OutputError(PerturbDiffError):
+    """An output cannot be written (read-only folder, full disk): found before the work starts."""

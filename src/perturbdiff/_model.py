@@ -55,6 +55,7 @@ class PerturbDiff:
     @classmethod
     def from_config(cls, cfg: Config, adata: AnnData, split: Split) -> PerturbDiff:
         """Build vocabularies from the split's training conditions and a freshly initialised denoiser."""
+        cfg.validate()
         record = get_record(adata)
         keys = DataKeys.from_dict(record["keys"])
         split.check(adata, keys)
@@ -197,6 +198,7 @@ class PerturbDiff:
         adata = adata if adata is not None else self.adata
         if adata is None:
             raise DataError("predict needs an AnnData with control cells (pass adata=)")
+        check_counts(n_samples=n_samples, n_cells=n_cells)
         adata = align_genes(adata, self.genes, missing_genes=missing_genes)
         if conditions is None:
             if self.split is None:
@@ -315,8 +317,22 @@ def _resolve_checkpoint(path: Path, which: str) -> Path:
 
 
 def with_sampler(dcfg: DiffusionConfig, **changes) -> DiffusionConfig:
-    """A copy of the diffusion config with the sampler settings that were given (None = keep the run's)."""
-    return dataclasses.replace(dcfg, **{k: v for k, v in changes.items() if v is not None})
+    """A copy of the diffusion config with the sampler settings that were given (None = keep the run's),
+    checked like any config value."""
+    out = dataclasses.replace(dcfg, **{k: v for k, v in changes.items() if v is not None})
+    Config(diffusion=out).validate()
+    return out
+
+
+def check_counts(*, n_samples: int = 1, n_cells=None) -> None:
+    """``n_samples`` and every ``n_cells`` at least 1 (one ConfigError before any work)."""
+    if int(n_samples) < 1:
+        raise ConfigError(f"n_samples must be at least 1, got {n_samples}")
+    if n_cells is not None:
+        values = [n_cells] if isinstance(n_cells, (int, np.integer)) else list(n_cells)
+        bad = [n for n in values if int(n) < 1]
+        if bad:
+            raise ConfigError(f"n_cells must be at least 1, got {bad[0]}")
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -65,6 +65,7 @@ class Pretrained:
     @classmethod
     def from_sources(cls, cfg: Config, sources: Sequence[MarginalSource]) -> Pretrained:
         """Gene vocabulary (union of each source's genes), context tokens, and a fresh per-data-set denoiser."""
+        cfg.validate()
         if not sources:
             raise DataError("pretraining needs at least one data set")
         names = [s.name for s in sources]

@@ -7,6 +7,7 @@ said otherwise; each such deviation is commented with its reason.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +19,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from perturbdiff._errors import ConfigError
+
+SAMPLER_STARTS = ("full", "truncated")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -153,18 +157,34 @@ class Config:
         sec = getattr(self, section, None)
         if sec is None or not dataclasses.is_dataclass(sec) or name not in {f.name for f in fields(sec)}:
             raise ConfigError(f"unknown config key {dotted!r}")
-        current = getattr(sec, name)
-        if isinstance(current, tuple):
-            value = tuple(value)
-        elif isinstance(current, bool):
-            value = bool(value)
-        elif isinstance(current, int) and not isinstance(value, bool):
-            if float(value) != int(value):
-                raise ConfigError(f"config key {dotted!r} needs an integer, got {value!r}")
-            value = int(value)
-        elif isinstance(current, float):
-            value = float(value)
-        setattr(sec, name, value)
+        setattr(sec, name, _coerce(dotted, getattr(sec, name), value))
+
+    def validate(self) -> Config:
+        """Every value in its range and every choice known (one ConfigError naming the key), before any work."""
+        problems = []
+        for sec in (self.data, self.model, self.diffusion, self.train):
+            section = _SECTION_NAMES[type(sec)]
+            for f in fields(sec):
+                key, value = f"{section}.{f.name}", getattr(sec, f.name)
+                rule = RULES.get(key)
+                if rule is not None and not rule[0](value):
+                    problems.append(f"{key} = {value!r} ({rule[1]})")
+        if self.model.hidden % max(self.model.heads, 1):
+            problems.append(f"model.hidden = {self.model.hidden} is not divisible by model.heads = {self.model.heads}")
+        if not self.diffusion.beta_start < self.diffusion.beta_end:
+            problems.append("diffusion.beta_start must be below diffusion.beta_end")
+        if self.diffusion.truncated_start_t >= self.diffusion.timesteps:
+            problems.append("diffusion.truncated_start_t must be below diffusion.timesteps")
+        if self.preset not in PRESETS:
+            problems.append(f"preset {self.preset!r} (choose one of {', '.join(PRESETS)})")
+        if problems:
+            raise ConfigError("invalid config: " + "; ".join(problems))
+        return self
+
+    @staticmethod
+    def keys() -> dict[str, Any]:
+        """Every ``section.key`` with its default (the keys ``--set`` takes)."""
+        return _flat_dict(Config().to_dict())
 
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +203,95 @@ class Config:
             lines.append(f"\n[{section}]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         return "\n".join(lines) + "\n"
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(dotted: str, current: Any, value: Any) -> Any:
+    """``value`` as the type of the key's default: strict booleans and numbers, one clear error otherwise."""
+    try:
+        if isinstance(current, tuple):
+            if not isinstance(value, (list, tuple)) or len(value) != len(current):
+                raise ValueError
+            return tuple(_coerce(dotted, c, v) for c, v in zip(current, value))
+        if isinstance(current, bool):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE | _FALSE and not isinstance(value, float):
+                return text in _TRUE
+            raise ValueError
+        if isinstance(current, int):
+            if isinstance(value, bool):
+                raise ValueError
+            f = float(value)
+            if not math.isfinite(f) or f != int(f):
+                raise ValueError
+            return int(f)
+        if isinstance(current, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(current, str):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError, OverflowError):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                tuple: f"a list of {len(current) if isinstance(current, tuple) else ''} numbers"}[type(current)]
+        raise ConfigError(f"config key {dotted!r} needs {kind}, got {value!r}") from None
+    return value
+
+
+def _flat_dict(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        elif prefix:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _unit(v) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _pos(v) -> bool:
+    return v > 0
+
+
+def _nonneg(v) -> bool:
+    return v >= 0
+
+
+#: key -> (check, what it needs); Config.validate applies them to the resolved config
+RULES: dict[str, tuple[Any, str]] = {
+    "data.set_size": (_pos, "at least 1"), "data.batch_sets": (_pos, "at least 1"),
+    "data.control_set_fraction": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"), "data.num_workers": (_nonneg, ">= 0"),
+    "data.fraction": (lambda v: 0.0 < v <= 1.0, "in (0, 1]"),
+    "model.hidden": (_pos, "at least 1"), "model.depth": (_pos, "at least 1"), "model.heads": (_pos, "at least 1"),
+    "model.mlp_ratio": (_pos, "> 0"), "model.cov_dim": (_pos, "at least 1"),
+    "model.context_dropout": (_unit, "in [0, 1]"), "model.batch_dropout": (_unit, "in [0, 1]"),
+    "model.pert_dropout": (_unit, "in [0, 1]"),
+    "diffusion.timesteps": (lambda v: v >= 2, "at least 2"), "diffusion.beta_start": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "diffusion.beta_end": (lambda v: 0 < v < 1, "in (0, 1)"), "diffusion.ed_weight": (_nonneg, ">= 0"),
+    "diffusion.mean_weight": (_nonneg, ">= 0"), "diffusion.self_cond_prob": (_unit, "in [0, 1]"),
+    "diffusion.p_uncond": (_unit, "in [0, 1]"), "diffusion.p_drop_control": (_unit, "in [0, 1]"),
+    "diffusion.sampler_steps": (_pos, "at least 1"),
+    "diffusion.sampler_start": (lambda v: v in SAMPLER_STARTS, f"one of {', '.join(SAMPLER_STARTS)}"),
+    "diffusion.truncated_start_t": (_nonneg, ">= 0"), "diffusion.guidance": (math.isfinite, "a finite number"),
+    "diffusion.zero_threshold": (_nonneg, ">= 0"),
+    "train.lr": (_pos, "> 0"), "train.betas": (lambda v: all(0.0 <= b < 1.0 for b in v), "each in [0, 1)"),
+    "train.eps": (_pos, "> 0"), "train.weight_decay": (_nonneg, ">= 0"), "train.warmup_steps": (_nonneg, ">= 0"),
+    "train.plateau_fraction": (_unit, "in [0, 1]"), "train.min_lr_ratio": (_unit, "in [0, 1]"),
+    "train.grad_clip": (_pos, "> 0"), "train.max_steps": (_pos, "at least 1"), "train.val_every": (_pos, "at least 1"),
+    "train.val_max_conditions": (_pos, "at least 1"), "train.ema_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "train.ema_every": (_pos, "at least 1"), "train.log_every": (_pos, "at least 1"),
+    "train.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "train.grad_accum": (_pos, "at least 1"),
+}
 
 
 def _toml_value(v: Any) -> str:
@@ -220,3 +329,5 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"lr": 2e-4, "max_steps": 20000, "val_every": 2000},
     },
 }
+
+_SECTION_NAMES = {DataConfig: "data", ModelConfig: "model", DiffusionConfig: "diffusion", TrainConfig: "train"}

@@ -1,15 +1,20 @@
-"""The ``perturbdiff`` command: one small module per subcommand, each with ``add_parser`` and ``run``."""
+"""The ``perturbdiff`` command: one small module per subcommand, each with ``add_arguments`` and ``run``.
+
+Only the subcommand being run (or asked for help) is imported, so ``perturbdiff --help`` starts without torch,
+anndata or scanpy.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
+from perturbdiff import __version__
 from perturbdiff._errors import PerturbDiffError
 from perturbdiff._logging import end_cli_logging, setup_cli_logging
 
-# subcommand -> module under perturbdiff.cli; each module defines add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "demo": "Run the whole pipeline on built-in synthetic data and write a report.",
     "preprocess": "Validate an AnnData, normalise, select genes and record every step.",
@@ -22,32 +27,71 @@ SUBCOMMANDS = {
     "baseline": "Fit a baseline (control, mean, additive, linear) and write its predictions.",
     "info": "List what a trained run knows: genes, perturbations, contexts, preprocessing, split.",
     "simulate": "Write the built-in synthetic Perturb-seq-like data set to an .h5ad file.",
+    "config": "Print the resolved configuration (preset, TOML file, --set) as TOML, or every key.",
 }
+
+DESCRIPTION = ("PerturbDiff: predict how populations of single cells respond to perturbations in contexts where they "
+               "were never measured, with a diffusion model over sets of cells.")
+
+EXAMPLES = """examples:
+  perturbdiff demo                                   # the whole pipeline on synthetic data, with a report
+  perturbdiff split raw.h5ad --pert-key perturbation --control-value control --context-keys cell_type \\
+      --strategy held-out-contexts-partial --holdout "CD14 Mono" --out split.json
+  perturbdiff preprocess raw.h5ad --pert-key perturbation --control-value control --context-keys cell_type \\
+      --input-kind counts --split split.json --out data.h5ad      # genes chosen on the training cells
+  perturbdiff train data.h5ad --split split.json --preset small --out run/
+  perturbdiff predict run/ --data data.h5ad --out pred.h5ad
+  perturbdiff evaluate pred.h5ad --data data.h5ad --split split.json --baselines all --out eval/
+  perturbdiff config --preset small                  # every hyper-parameter, as --set and --config take them
+
+`perturbdiff COMMAND --help` describes one command."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; every option's default shown (unless it is empty or already named)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text or default in (None, False, argparse.SUPPRESS, [])
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _load(name: str):
     return importlib.import_module(f"perturbdiff.cli.{name}")
 
 
-def build_parser(available: dict[str, object] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="perturbdiff", description=__doc__)
+_DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is one), if any."""
+    return next((a for a in argv if a in SUBCOMMANDS), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the subcommand named in ``argv`` gets its arguments (its module is imported), or all of
+    them with ``argv=None``."""
+    only = None if argv is None else _chosen(argv)
+    parser = argparse.ArgumentParser(prog="perturbdiff", description=DESCRIPTION,
+                                     epilog=EXAMPLES, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"perturbdiff {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
-        try:
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if argv is None or name == only:
             mod = _load(name)
-        except ModuleNotFoundError as e:
-            if e.name != f"perturbdiff.cli.{name}":
-                raise
-            continue  # subcommand not built yet
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -61,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"perturbdiff {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a disk that fills up or turns read-only mid-run: one line, not a traceback
+        if e.errno not in _DISK_ERRORS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(f"perturbdiff {args.command}: error: cannot write{where}: {e.strerror}", file=sys.stderr)
+        return 2
     finally:
         end_cli_logging()
 

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from perturbdiff._errors import ConfigError, DataError
-from perturbdiff.data._keys import DataKeys
-from perturbdiff.data._split import STRATEGIES, make_split
+from perturbdiff.data._keys import STRATEGIES, DataKeys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,6 +96,7 @@ def _read(path: str, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from perturbdiff.data._split import make_split
     from perturbdiff.data._validate import check_obs
 
     adata, record, keys = _read(args.data, args)

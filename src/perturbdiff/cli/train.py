@@ -10,8 +10,19 @@ from perturbdiff._errors import ConfigError
 from perturbdiff._logging import logger
 from perturbdiff.config import PRESETS, Config
 
+CHECKPOINTS_HELP = """checkpoints:
+  OUT/last.safetensors is written every train.val_every steps, at the end and on Ctrl-C; OUT/best.safetensors
+  whenever the validation energy distance improves (predict uses best). Weights, EMA, optimiser, random state and
+  data position are all in them.
+
+resuming:
+  automatic: run the same command again and training continues exactly where OUT's last checkpoint left it (a
+  larger --max-steps trains further). A different config, split or gene set is refused before anything is
+  written; --no-resume starts afresh in OUT."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = CHECKPOINTS_HELP
     p.add_argument("data", help="preprocessed .h5ad (output of `perturbdiff preprocess`)")
     p.add_argument("--split", required=True, help="split JSON (output of `perturbdiff split` or a benchmark split)")
     p.add_argument("--fraction", type=float, help="keep this fraction of perturbed training cells per condition")
@@ -19,17 +30,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory: checkpoints, log.csv, config.toml, split.json")
 
 
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags every training command shares (train, pretrain, finetune)."""
+def add_config_arguments(p: argparse.ArgumentParser, *, training: bool = True) -> None:
+    """The flags every training command shares (train, pretrain, finetune; ``config`` takes the first five)."""
     p.add_argument("--config", help="TOML file with any hyper-parameters (sections data/model/diffusion/train)")
     p.add_argument("--preset", choices=list(PRESETS), help="model size preset (default: small, or the config's)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set diffusion.ed_weight=0.5 (repeatable)")
+                   help="override one config value, e.g. --set diffusion.ed_weight=0.5 (repeatable); "
+                        "`perturbdiff config --keys` lists every key, `perturbdiff config --preset small` the values")
+    if not training:
+        return
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; under torchrun cuda "
                    "means cuda:LOCAL_RANK, see docs/DISTRIBUTED.md)")
-    p.add_argument("--no-resume", action="store_true", help="start afresh even if OUT holds a last checkpoint")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start afresh even if OUT holds a run (by default a run in OUT is resumed at its last "
+                        "checkpoint, exactly, when its config, split and genes are the same; refused otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,7 +69,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if not sep:
             raise ConfigError(f"--set needs SECTION.KEY=VALUE, got {item!r}")
         cfg = cfg.update({key.strip(): _parse_value(value.strip())})
-    return cfg
+    return cfg.validate()
 
 
 def _parse_value(text: str):
@@ -79,9 +95,20 @@ def run(args: argparse.Namespace) -> int:
     logger.info("preset %s, %d steps, run directory %s", cfg.preset, cfg.train.max_steps, out)
     if train_in_group(lambda: model.train(out_dir=out, progress=not args.no_progress, resume=not args.no_resume,
                                           device=args.device)):
-        print(f"trained {model.trainer.state.step} steps; checkpoints in {out} {best_note(model.trainer.state)}"
-              .rstrip())
+        print(finished_note(model.trainer, out))
     return 0
+
+
+def finished_note(trainer, out: Path) -> str:
+    """The last line of a training command: what this call did, where the checkpoints are, the best step."""
+    state, start = trainer.state, getattr(trainer, "start_step", 0)
+    if state.step == start and start > 0:
+        did = f"nothing to train: the run had already reached step {state.step}"
+    elif start > 0:
+        did = f"trained steps {start + 1}-{state.step} (resumed at step {start})"
+    else:
+        did = f"trained {state.step} steps"
+    return f"{did}; checkpoints in {out} {best_note(state)}".rstrip()
 
 
 def speak_on_rank0() -> None:

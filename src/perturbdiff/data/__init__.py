@@ -1,31 +1,26 @@
-"""perturbdiff.data"""
+"""perturbdiff.data: registration, preprocessing, splits, vocabularies, cell sets and the on-disk store.
 
-from perturbdiff.data._keys import DataKeys
-from perturbdiff.data._preprocess import apply_record, get_record, preprocess
-from perturbdiff.data._sets import CellSetDataset, CellSetIndex, make_loader
-from perturbdiff.data._split import STRATEGIES, Condition, Split, condition_labels, make_split
-from perturbdiff.data._store import CellStore, open_store, preprocess_store, write_store
-from perturbdiff.data._validate import register
-from perturbdiff.data._vocab import Covariates, Vocab
+Names are imported on first use, so a command that needs none of them (``perturbdiff --help``) starts fast.
+"""
 
-__all__ = [
-    "DataKeys",
-    "register",
-    "preprocess",
-    "get_record",
-    "apply_record",
-    "Condition",
-    "Split",
-    "STRATEGIES",
-    "make_split",
-    "condition_labels",
-    "Vocab",
-    "Covariates",
-    "CellSetIndex",
-    "CellSetDataset",
-    "make_loader",
-    "CellStore",
-    "open_store",
-    "write_store",
-    "preprocess_store",
-]
+from importlib import import_module
+
+_WHERE = {
+    "DataKeys": "_keys", "STRATEGIES": "_keys",
+    "apply_record": "_preprocess", "get_record": "_preprocess", "preprocess": "_preprocess",
+    "CellSetDataset": "_sets", "CellSetIndex": "_sets", "make_loader": "_sets",
+    "Condition": "_split", "Split": "_split", "condition_labels": "_split", "make_split": "_split",
+    "CellStore": "_store", "open_store": "_store", "preprocess_store": "_store", "write_store": "_store",
+    "register": "_validate",
+    "Covariates": "_vocab", "Vocab": "_vocab",
+}
+
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'perturbdiff.data' has no attribute {name!r}")
+    value = getattr(import_module(f"perturbdiff.data.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+#: how a split holds conditions out (``make_split``); here so the CLI lists them without importing pandas
+STRATEGIES = (
+    "held-out-contexts-partial",
+    "held-out-contexts",
+    "held-out-perturbations",
+    "held-out-combinations",
+)
+
 INPUT_KINDS = ("counts", "log1p")
 
 

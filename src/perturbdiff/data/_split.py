@@ -13,16 +13,10 @@ import pandas as pd
 from perturbdiff._errors import DataError
 from perturbdiff._io import atomic_write_json
 from perturbdiff._logging import logger
-from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._keys import STRATEGIES, DataKeys
 
 Condition = tuple[tuple[str, ...], str]  # ((context value per context column, ...), perturbation label)
 SUBSETS = ("train", "val", "test")
-STRATEGIES = (
-    "held-out-contexts-partial",
-    "held-out-contexts",
-    "held-out-perturbations",
-    "held-out-combinations",
-)
 
 
 def label(cond: Condition) -> str:
