@@ -21,7 +21,7 @@ from perturbdiff.data import DataKeys, get_record
 from perturbdiff.data._embeddings import align_table, read_embedding_table
 from perturbdiff.data._preprocess import align_genes
 from perturbdiff.data._sets import CellSetDataset, CellSetIndex, _as_csr
-from perturbdiff.data._split import Condition, Split, training_mask
+from perturbdiff.data._split import Condition, Split, labels, training_mask
 from perturbdiff.data._store import nonzero_stats, row_mean
 from perturbdiff.data._vocab import Vocab, unseen_error
 from perturbdiff.diffusion import energy_distance, make_schedule
@@ -134,8 +134,14 @@ class PerturbDiff:
         real = [_as_csr(self.adata.X[g[:n]]).toarray() / self.scale for g, n in zip(index.groups, n_cells)]
         ctrl_mean = [row_mean(self.adata.X, pool) / self.scale for pool in pools]  # store: in blocks
 
+        unseen = self.vocab.unseen_parts([p for _, p in conds])
+        if unseen:  # held-out perturbations: the generic token is the only route, so validation takes it
+            logger.info("validation condition(s) %s hold perturbations never seen in training: validated through "
+                        "the generic perturbation token", labels([c for c in conds if c[1] in unseen]))
+
         def validate(net: torch.nn.Module) -> dict:
-            pred = self._sample(net, self.adata, pools, conds, n_cells, device=device)
+            pred = self._sample(net, self.adata, pools, conds, n_cells, device=device,
+                                unknown_pert="generic" if unseen else "error")
             eds, rs = [], []
             for i, (r, p) in enumerate(zip(real, pred)):
                 eds.append(float(energy_distance(torch.from_numpy(p)[None], torch.from_numpy(r)[None])[0]))

@@ -191,6 +191,9 @@ class Pretrained:
                   device: str | torch.device | None = None) -> AnnData:
         """Cells of each condition's context from the pretrained marginal, on ``adata``'s genes (no perturbation
         labels and no control cells used); real control cells are appended when ``adata`` has them."""
+        from perturbdiff._model import check_counts
+
+        check_counts(n_samples=n_samples, n_cells=n_cells)
         keys = DataKeys.from_dict(get_record(adata)["keys"])
         if conditions is None:
             if split is None:

@@ -10,6 +10,7 @@ import argparse
 import errno
 import importlib
 import sys
+from pathlib import Path
 
 from perturbdiff import __version__
 from perturbdiff._errors import PerturbDiffError
@@ -63,6 +64,21 @@ def _load(name: str):
     return importlib.import_module(f"perturbdiff.cli.{name}")
 
 
+#: commands whose --out is a folder (the others write one file); --store is always a folder
+OUT_FOLDERS = {"train", "pretrain", "finetune", "evaluate", "demo"}
+MIN_FREE_BYTES = 16 << 20  # an output file needs at least this much free disk
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output of the command can be written, before any work (OutputError: one line)."""
+    from perturbdiff._io import check_writable
+
+    if getattr(args, "out", None):
+        check_writable(args.out, folder=args.command in OUT_FOLDERS, need_bytes=MIN_FREE_BYTES)
+    if getattr(args, "store", None):  # the store writer makes its folder itself (and refuses a foreign one)
+        check_writable(Path(args.store).resolve().parent, folder=True, need_bytes=MIN_FREE_BYTES)
+
+
 _DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
@@ -98,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_cli_logging(args.verbose)
     try:
+        _check_outputs(args)
         return int(args._run(args) or 0)
     except PerturbDiffError as e:
         print(f"perturbdiff {args.command}: error: {e.for_cli()}", file=sys.stderr)

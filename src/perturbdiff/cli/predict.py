@@ -61,6 +61,9 @@ def _given(args: argparse.Namespace, names) -> list[str]:
 
 def check_mode(args: argparse.Namespace) -> str:
     """'data' or 'controls'; the two modes exclude each other (ConfigError naming the offending flags)."""
+    for flag, value in (("--n-samples", args.n_samples), ("--n-cells", args.n_cells), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     if args.data and args.controls:
         raise ConfigError("--data (a split's conditions) and --controls (your own control cells) exclude each "
                           "other: pass one")

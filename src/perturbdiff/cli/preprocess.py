@@ -67,6 +67,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if not args.out and not args.store:
         raise ConfigError("pass --out OUT.h5ad, --store DIR, or both")
+    if args.n_hvg < 1:
+        raise ConfigError(f"--n-hvg must be at least 1, got {args.n_hvg}")
+    if args.target_sum <= 0:
+        raise ConfigError(f"--target-sum must be positive, got {args.target_sum}")
+    if args.chunk_cells < 1:
+        raise ConfigError(f"--chunk-cells must be at least 1, got {args.chunk_cells}")
     contexts = tuple(c.strip() for c in args.context_keys.split(",") if c.strip())
     if not contexts:
         raise DataError("--context-keys names no column")

@@ -47,6 +47,8 @@ def preprocess(
     from every cell, held-out ones included. Returns a new AnnData (X float32 CSR log1p); the record of every step
     is in uns["perturbdiff"]["record"].
     """
+    if int(n_hvg) < 1:
+        raise ConfigError(f"n_hvg must be at least 1, got {n_hvg}")
     register(adata, keys)
     if split is not None:
         from perturbdiff.data._split import training_mask

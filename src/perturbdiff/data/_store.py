@@ -433,6 +433,8 @@ def preprocess_store(adata: AnnData, path: str | Path, keys: DataKeys, *, n_hvg:
     """
     if chunk_cells < 1:
         raise DataError(f"chunk_cells must be >= 1, got {chunk_cells}")
+    if int(n_hvg) < 1:
+        raise DataError(f"n_hvg must be at least 1, got {n_hvg}")
     path = Path(path)
     if path.exists() and not is_store(path):
         raise DataError(f"{path} exists and is not a perturbdiff store (no {MARKER}); refusing to replace it")

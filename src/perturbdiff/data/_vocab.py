@@ -115,7 +115,8 @@ class Vocab:
         rows = []
         for label in uniq.tolist():
             parts = [label] if label == self.control else pert_parts(label)
-            if label in unseen:
+            if label in unseen and label not in _GENERIC_TOLD:  # told once per process, not at every validation
+                _GENERIC_TOLD.add(label)
                 logger.warning("perturbation %s (in %r) was not seen in training: using the generic perturbation "
                                "token", ", ".join(map(repr, unseen[label])), label)
             rows.append([lookup.get(q, generic) for q in parts])
@@ -173,6 +174,9 @@ class Vocab:
             dose = self._lookup(self.dose, list(dose_values), "dose", unknown)
         pert = self.encode_pert([c[1] for c in conditions], unknown_pert) if n else np.zeros((0, 1), dtype=np.int64)
         return Covariates(pert=pert, context=ctx, batch=batch, dose=dose)
+
+
+_GENERIC_TOLD: set[str] = set()
 
 
 def unseen_error(unseen: dict[str, list[str]], conditions: Sequence | None = None) -> DataError:

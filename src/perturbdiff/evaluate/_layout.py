@@ -16,7 +16,7 @@ from anndata import AnnData
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
-from perturbdiff.data._split import Split, condition_codes
+from perturbdiff.data._split import Split, condition_codes, labels
 from perturbdiff.data._validate import value_stats
 
 SAMPLE_COL = "sample"  # obs column of predictions that hold several sampled response distributions
@@ -50,7 +50,8 @@ def build_real(adata_prep: AnnData, split: Split, subset: str = "test") -> AnnDa
     wanted = set(conds)
     absent = [c for c in conds if c not in set(present)]
     if absent:
-        raise DataError(f"{subset} condition {list(absent[0][0])}/{absent[0][1]} has no cells in the data")
+        raise DataError(f"scoring needs the real cells of every {subset} condition; {len(absent)} have none in the "
+                        f"data: {labels(absent)}")
     contexts = {c for c, _ in conds}
     take = np.array([c in wanted or (c[0] in contexts and c[1] == split.control) for c in present], bool)
     no_ctrl = sorted(contexts - {c[0] for c in present if c[1] == split.control})
