@@ -39,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
     from perturbdiff.baselines import BASELINES
     from perturbdiff.cli.evaluate import run_baselines
     from perturbdiff.data import DataKeys, make_split, preprocess, register
-    from perturbdiff.data._split import training_mask
     from perturbdiff.datasets import simulate
     from perturbdiff.evaluate import build_real, context_column, evaluate_predictions, format_table, write_report
 
@@ -54,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     split.name = "demo"
     print(f"      {split.summary()}")
     step(f"preprocess: normalize_total -> log1p -> {args.n_hvg} HVGs of the training cells")
-    train_mask = training_mask(counts, keys, split)
-    adata = preprocess(counts, keys, n_hvg=args.n_hvg, train_mask=train_mask)
-    split.var_names = list(adata.var_names)
+    adata = preprocess(counts, keys, n_hvg=args.n_hvg, split=split)  # genes of the training cells only
     atomic_write(out / "data.h5ad", adata.write_h5ad)
     split.write(out / "split.json")
     cfg = Config.from_preset(args.preset).update({"train": {"max_steps": args.max_steps, "seed": args.seed}})
