@@ -184,7 +184,7 @@ class Config:
     @staticmethod
     def keys() -> dict[str, Any]:
         """Every ``section.key`` with its default (the keys ``--set`` takes)."""
-        return _flat_dict(Config().to_dict())
+        return {k: v for k, v in flat_dict(Config().to_dict()).items() if "." in k}
 
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -244,13 +244,14 @@ def _coerce(dotted: str, current: Any, value: Any) -> Any:
     return value
 
 
-def _flat_dict(d: dict, prefix: str = "") -> dict:
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """A nested dict as ``{"section.key": value}`` (tuples as lists, so a config compares with its JSON)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat_dict(v, f"{prefix}{k}."))
-        elif prefix:
-            out[f"{prefix}{k}"] = v
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
 
 

@@ -3,7 +3,7 @@
 Names are imported on first use, so a command that needs none of them (``perturbdiff --help``) starts fast.
 """
 
-from importlib import import_module
+from perturbdiff._lazy import lazy_names
 
 _WHERE = {
     "DataKeys": "_keys", "STRATEGIES": "_keys",
@@ -18,9 +18,4 @@ _WHERE = {
 __all__ = list(_WHERE)
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'perturbdiff.data' has no attribute {name!r}")
-    value = getattr(import_module(f"perturbdiff.data.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names("perturbdiff.data", _WHERE, globals())

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import logger
-from perturbdiff.config import Config
+from perturbdiff.config import Config, flat_dict
 from perturbdiff.data._sets import collate_sets, shard_batches
 from perturbdiff.diffusion import make_schedule, training_loss
 from perturbdiff.train._checkpoint import (
@@ -326,19 +326,9 @@ def resume_point(out: Path) -> Path | None:
     return None
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def config_changes(old: dict, new: dict) -> list[str]:
     """``section.key old -> new`` for every config value that differs."""
-    a, b = _flat(old), _flat(new)
+    a, b = flat_dict(old), flat_dict(new)
     return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
