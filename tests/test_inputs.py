@@ -334,3 +334,23 @@ def test_help_shows_defaults_and_checkpoint_rules(capsys):
     with pytest.raises(SystemExit):
         main(["preprocess", "--help"])
     assert "(default: 2000)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_collapse_warning_names_the_cli_flag_under_the_cli(capsys):
+    import pandas as pd
+
+    from perturbdiff._apply import _warn_collapse
+    from perturbdiff._logging import end_cli_logging, setup_cli_logging
+
+    report = pd.DataFrame({"context": ["A"], "n_perturbations": [3], "min_r": [0.99], "reference_r": [np.nan],
+                           "collapsed": [True]})
+    setup_cli_logging()
+    try:
+        _warn_collapse(report, 0.95, checked=False)
+        err = capsys.readouterr().err
+        assert err.count("nearly identical") == 1 and "--reference TRAIN.h5ad" in err and "reference=" not in err
+    finally:
+        end_cli_logging()
+        logging.getLogger("perturbdiff").handlers[:] = [logging.NullHandler()]
+    with pytest.warns(UserWarning, match="pass reference="):
+        _warn_collapse(report, 0.95, checked=False)

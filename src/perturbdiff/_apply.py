@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from perturbdiff._errors import ConfigError, DataError
-from perturbdiff._logging import logger, warn
+from perturbdiff._logging import is_cli, logger, warn
 from perturbdiff._model import with_sampler
 from perturbdiff.data import DataKeys, apply_record, get_record
 from perturbdiff.data._sets import _as_csr
@@ -356,8 +356,9 @@ def _warn_collapse(report: pd.DataFrame, threshold: float, checked: bool) -> Non
     bad = report[report["collapsed"]]
     ref = report["reference_r"].iloc[0]
     why = (f"the training data's shifts are less alike (median min r {ref:.2f})" if checked and not np.isnan(ref)
-           else "the training data's shifts could not be checked (pass reference= the run's preprocessed training "
-                "data)" if not checked else "the reference holds no context with two of these perturbations")
+           else "the training data's shifts could not be checked (pass "
+                + ("--reference TRAIN.h5ad" if is_cli() else "reference=") + " the run's preprocessed training data)"
+           if not checked else "the reference holds no context with two of these perturbations")
     msg = (f"predicted responses of different perturbations are nearly identical in context(s) "
            f"{', '.join(bad['context'])} (all pairwise r of mean shifts > {threshold}, min "
            f"{bad['min_r'].min():.3f}); {why}. The model may ignore the perturbation (collapsed predictions).")
