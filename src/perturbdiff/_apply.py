@@ -255,7 +255,8 @@ def _pred_and_controls(pred: AnnData, lay: dict, *, expm1: bool = False):
     where = {k: i for i, k in enumerate(ckeys)}
     missing = [k[: len(ctx_cols)] for k in pkeys if k[: len(ctx_cols)] not in where]
     if missing:
-        raise DataError(f"no control cells (predicted == False) for context {list(missing[0])}")
+        shown = ", ".join(",".join(map(str, c)) for c in missing)
+        raise DataError(f"no control cells (predicted == False) for context(s) {shown}")
     ctrl_of = np.asarray([where[k[: len(ctx_cols)]] for k in pkeys], np.int64)
     return pm, cm[ctrl_of], pkeys, ctx_cols + label_cols
 

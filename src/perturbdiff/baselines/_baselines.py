@@ -142,7 +142,8 @@ class _Baseline:
         pool = self.state.ctrl_rows.get(ctx)
         if pool is None or len(pool) == 0:
             cols = ", ".join(self.state.keys.context_keys)
-            raise DataError(f"no control cells for context {list(ctx)} ({cols}); cannot predict its conditions")
+            raise DataError(f"no control cells for context {','.join(map(str, ctx))} ({cols}); cannot predict its "
+                            "conditions")
         return pool
 
     def _controls(self, rows: np.ndarray) -> np.ndarray:
@@ -171,7 +172,7 @@ class _Baseline:
         missing = [p for p in parts if not known(p)]
         if missing and len(missing) == len(parts) and self.unseen == "error":
             raise DataError(
-                f"perturbation {pert!r} (context {list(ctx)}): no part of it was seen in training "
+                f"perturbation {pert!r} (context {','.join(map(str, ctx))}): no part of it was seen in training "
                 f"({', '.join(repr(m) for m in missing)}); {self.name} baseline cannot predict it "
                 "(unseen='zero' predicts no effect)"
             )

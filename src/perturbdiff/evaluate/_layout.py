@@ -56,7 +56,8 @@ def build_real(adata_prep: AnnData, split: Split, subset: str = "test") -> AnnDa
     take = np.array([c in wanted or (c[0] in contexts and c[1] == split.control) for c in present], bool)
     no_ctrl = sorted(contexts - {c[0] for c in present if c[1] == split.control})
     if no_ctrl:
-        raise DataError(f"context {list(no_ctrl[0])} has no {split.control!r} cells in column {split.pert_col!r}")
+        raise DataError(f"context(s) {', '.join(','.join(c) for c in no_ctrl)} have no {split.control!r} cells in "
+                        f"column {split.pert_col!r}")
     rows = np.flatnonzero(take[codes])
     genes = _genes_for(adata_prep, split.var_names)
     X = adata_prep[rows, genes].X if genes is not None else adata_prep.X[rows]
