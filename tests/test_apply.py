@@ -150,6 +150,13 @@ def test_unknown_perturbation_is_refused_by_name_before_any_compute(trained, mon
             model.predict_for_controls(user_controls(), bad, context_keys="donor_type", input_kind="counts")
 
 
+def test_unknown_perturbation_for_own_controls_through_the_generic_token_when_asked(trained):
+    model = trained[0]
+    kw = {"context_keys": "donor_type", "input_kind": "counts", **FAST}
+    pred = model.predict_for_controls(user_controls(), ["UP", "NOPE"], unknown_perturbations="generic", **kw)
+    assert set(pred.obs.loc[pred.obs["predicted"].to_numpy(bool), "perturbation"]) == {"UP", "NOPE"}
+
+
 def test_counts_and_log1p_input_give_the_same_prediction(trained):
     import scanpy as sc
 

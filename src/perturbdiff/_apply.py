@@ -37,15 +37,17 @@ def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str],
                          n_samples: int = 1, pseudobulk: bool = False, seed: int = 0, guidance: float | None = None,
                          steps: int | None = None, start: str | None = None, progress: bool = True, device=None,
                          doses: Sequence[str] | None = None, batch_key: str | None = None,
-                         reference: AnnData | None = None) -> AnnData:
+                         reference: AnnData | None = None, unknown_perturbations: str = "error") -> AnnData:
     """Generate each perturbation from every context pool of the user's control cells (log1p AnnData).
 
     ``context_keys`` are the user's obs columns, mapped in order onto the run's context columns; values never seen
     in training get the ``<unknown>`` context token. The user's preprocessed controls are appended
     (``predicted=False``, ``sample=-1``); ``pseudobulk=True`` returns one mean row per (context, perturbation,
     sample) with ``n_cells``. ``reference`` (the run's preprocessed training data) sharpens the collapse check.
+    A perturbation part never seen in training is an error naming it, or, with ``unknown_perturbations="generic"``,
+    the generic perturbation token.
     """
-    perts = _check_perturbations(model, perturbations)  # unknown perturbations: refused before any compute
+    perts = _check_perturbations(model, perturbations, unknown_perturbations)  # unknown: refused before any compute
     if n_samples < 1 or (n_cells is not None and n_cells < 1):
         raise ConfigError(f"n_samples and n_cells must be >= 1 (got {n_samples}, {n_cells})")
     dose_list = _check_doses(model, doses)
@@ -59,7 +61,7 @@ def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str],
     dcfg = with_sampler(model.cfg.diffusion, guidance=guidance, sampler_steps=steps, sampler_start=start)
     view = _run_view(model, prepared, user_keys, batch_key)
     parts = _generate(model, dcfg, view, conds, cond_pools, counts, n_samples=n_samples, seed=seed,
-                      device=device, progress=progress)
+                      device=device, progress=progress, unknown_pert=unknown_perturbations)
     pred = _with_user_controls(_assemble(model, parts, conds, user_keys), prepared, model.keys, user_keys)
     pred.uns["perturbdiff"] = _uns(model, dcfg, prepared, user_keys, perts, unknown, input_kind=input_kind,
                                    n_samples=n_samples, seed=seed)
@@ -85,14 +87,14 @@ def _uns(model, dcfg, prepared: AnnData, user_keys, perts, unknown, *, input_kin
 
 
 # -- checks (all before any compute) --------------------------------------------------------------------------
-def _check_perturbations(model, perturbations: Sequence[str]) -> list[str]:
+def _check_perturbations(model, perturbations: Sequence[str], unknown: str = "error") -> list[str]:
     """Distinct requested labels, in order; Vocab.encode_pert raises a DataError naming an unknown part."""
     if isinstance(perturbations, str):
         perturbations = [perturbations]
     labels = list(dict.fromkeys(str(p).strip() for p in perturbations if str(p).strip()))
     if not labels:
         raise DataError("no perturbations requested")
-    model.vocab.encode_pert(labels)
+    model.vocab.encode_pert(labels, unknown)
     return labels
 
 
@@ -177,11 +179,13 @@ def _run_view(model, prepared: AnnData, user_keys: Sequence[str], batch_key: str
 
 
 # -- generation -----------------------------------------------------------------------------------------------
-def _generate(model, dcfg, view: AnnData, conds, pools, n_cells, *, n_samples: int, seed: int, device, progress):
+def _generate(model, dcfg, view: AnnData, conds, pools, n_cells, *, n_samples: int, seed: int, device, progress,
+              unknown_pert: str = "error"):
     """The model's own sampling path, with each condition's dose; cells per (sample, condition)."""
     doses = [c[2] for c in conds] if model.keys.dose_key is not None else None
     return model._sample(model.network, view, pools, [c[:2] for c in conds], n_cells, dcfg=dcfg,
-                         n_samples=n_samples, seed=seed, progress=progress, device=device, doses=doses)
+                         n_samples=n_samples, seed=seed, progress=progress, device=device, doses=doses,
+                         unknown_pert=unknown_pert)
 
 
 def _assemble(model, parts: list[np.ndarray], conds, user_keys: Sequence[str]) -> AnnData:

@@ -155,7 +155,7 @@ def _predict_controls(args: argparse.Namespace):
                           "finetune it to predict perturbations for your own control cells")
     model = PerturbDiff.load(args.run, which=args.checkpoint)
     perts = parse_list(args.perturbations, "--perturbations")
-    model.vocab.encode_pert(perts)  # unknown perturbations: refused before reading any cells
+    model.vocab.encode_pert(perts, args.unknown_perturbations)  # unknown ones: refused before reading any cells
     controls = read_h5ad(args.controls)
     reference = read_h5ad(args.reference) if args.reference else None
     pred = model.predict_for_controls(
@@ -164,5 +164,5 @@ def _predict_controls(args: argparse.Namespace):
         pseudobulk=args.pseudobulk, seed=args.seed, guidance=args.guidance, steps=args.steps, start=args.start,
         progress=not args.no_progress, device=args.device,
         doses=parse_list(args.doses, "--doses") if args.doses else None, batch_key=args.batch_key,
-        reference=reference)
+        reference=reference, unknown_perturbations=args.unknown_perturbations)
     return pred[pred.obs["predicted"].to_numpy(bool)].copy() if args.no_controls else pred
