@@ -322,3 +322,21 @@ def _dataset(model: PerturbDiff):
     index = CellSetIndex.build(model.adata, model.keys, model.split.train)
     return CellSetDataset(model.adata, index, model.vocab, set_size=model.cfg.data.set_size, seed=0,
                           control_set_fraction=model.cfg.data.control_set_fraction, scale=model.scale)
+
+
+def test_without_a_run_directory_train_also_keeps_the_best_weights(monkeypatch):
+    adata, split = planted_data(n_per_group=40)
+    monkeypatch.setattr(PerturbDiff, "_validator", _scripted_validator([1.0, 0.5, 2.0]))  # best at step 4 of 6
+    seen = {}
+    real = Trainer._validate
+
+    def spy(self):
+        out = real(self)
+        seen[self.state.step] = {k: v.clone() for k, v in self.ema.state_dict().items()}
+        return out
+
+    monkeypatch.setattr(Trainer, "_validate", spy)
+    model = PerturbDiff.from_config(tiny_config(max_steps=6, val_every=2), adata, split).train(progress=False)
+    held = model.network.state_dict()
+    assert all(torch.equal(held[k], v) for k, v in seen[4].items())
+    assert not all(torch.equal(held[k], v) for k, v in seen[6].items())

@@ -224,7 +224,8 @@ class Trainer:
         score = scores.get("val_score", math.inf)
         if score < self.state.best_score:
             self.state.best_score, self.state.best_step = score, self.state.step
-            self._best_ema = {k: v.detach().clone() for k, v in self.ema.state_dict().items()}
+            if self.out_dir is None:  # no best.safetensors to read back: keep the weights themselves
+                self._best_ema = {k: v.detach().clone() for k, v in self.ema.state_dict().items()}
             self.save("best")
         logger.debug("step %d validation %s", self.state.step, scores)
         return scores
@@ -339,6 +340,7 @@ def check_resumable(path: Path, meta: dict) -> dict:
     run = path.parent
     changes = [c for c in config_changes(old.get("config", {}), meta.get("config", {}))
                if c.split(" ", 1)[0] not in RESUMABLE_CHANGES]
+
     def part(m: dict, name: str):
         v = (m.get("record") or {}).get("genes") if name == "genes" else m.get(name)
         return None if v is None else _jsonable(v)
