@@ -112,12 +112,16 @@ def test_predict_data_matches_genes_by_name(flow, tmp_path, capsys):
 
 # -- 9. test conditions without cells -----------------------------------------------------------------------------
 def test_a_training_file_without_the_test_cells_trains_and_predicts(flow, tmp_path, capsys):
-    d, _ = flow
+    d, raw = flow
     data = ad.read_h5ad(d / "data.h5ad")
     split = Split.read(d / "split.json")
     test = set(split.test)
     keep = [((c,), p) not in test for c, p in zip(data.obs["cell_type"], data.obs["perturbation"])]
     data[np.asarray(keep)].copy().write_h5ad(tmp_path / "train_only.h5ad")
+    raw_keep = [((c,), p) not in test for c, p in zip(raw.obs["cell_type"], raw.obs["perturbation"])]
+    raw[np.asarray(raw_keep)].copy().write_h5ad(tmp_path / "raw_train_only.h5ad")
+    assert _run(["preprocess", tmp_path / "raw_train_only.h5ad", *RAW_FLAGS, "--input-kind", "counts", "--n-hvg",
+                 "100", "--split", d / "split.json", "--out", tmp_path / "prep.h5ad"], capsys)[0] == 0
     assert _run(["train", tmp_path / "train_only.h5ad", "--split", d / "split.json", *TINY,
                  "--out", tmp_path / "run"], capsys)[0] == 0
     code, _, _ = _run(["predict", tmp_path / "run", "--data", tmp_path / "train_only.h5ad", "--n-cells", "8",
