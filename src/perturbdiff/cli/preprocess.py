@@ -119,4 +119,7 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {where}: {out.n_obs} cells x {out.n_vars} genes ({source}), {n_cond} perturbed conditions, "
         f"{n_ctx} contexts, input {keys.input_kind} ({time.perf_counter() - t0:.1f} s)"
     )
+    if not args.split and not atlas and out.n_vars < adata.n_vars:
+        print("note: the genes were chosen on every cell; to hold cells out, draw the split first (perturbdiff "
+              "split) and preprocess with --split, so that only its training cells choose them")
     return 0
