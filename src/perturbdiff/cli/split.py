@@ -71,28 +71,27 @@ def _read(path: str, args: argparse.Namespace):
     flags = _flag_keys(args)
     adata = ad.read_h5ad(path, backed="r")
     try:
-        record = get_record(adata)
-    except DataError:
-        record = None
-    if record is None and flags is None:
-        adata.file.close()
-        raise ConfigError(f"{path} has no preprocessing record: name its columns with --pert-key, --control-value "
-                          "and --context-keys")
-    if record is not None and "keys" not in record:
-        adata.file.close()
-        raise DataError(f"the preprocessing record of {path} has no 'keys'; run perturbdiff preprocess again")
-    if flags is not None:
+        try:
+            record = get_record(adata)
+        except DataError:
+            record = None
+        if record is None and flags is None:
+            raise ConfigError(f"{path} has no preprocessing record: name its columns with --pert-key, "
+                              "--control-value and --context-keys")
+        if record is not None and "keys" not in record:
+            raise DataError(f"the preprocessing record of {path} has no 'keys'; run perturbdiff preprocess again")
+        rec = DataKeys.from_dict(record["keys"]) if record is not None else None
+        if flags is None:
+            return adata, record, rec
         keys = DataKeys(flags["pert_key"], flags["control_value"], flags["context_keys"], "log1p")
-        if record is not None:
-            rec = DataKeys.from_dict(record["keys"])
-            if (rec.pert_key, rec.control_value, tuple(rec.context_keys)) != (
-                    keys.pert_key, keys.control_value, tuple(keys.context_keys)):
-                adata.file.close()
-                raise ConfigError(f"--pert-key/--control-value/--context-keys differ from the record of {path} "
-                                  f"({rec.pert_key}, {rec.control_value}, {','.join(rec.context_keys)})")
-    else:
-        keys = DataKeys.from_dict(record["keys"])
-    return adata, record, keys
+        if rec is not None and (rec.pert_key, rec.control_value, tuple(rec.context_keys)) != (
+                keys.pert_key, keys.control_value, tuple(keys.context_keys)):
+            raise ConfigError(f"--pert-key/--control-value/--context-keys differ from the record of {path} "
+                              f"({rec.pert_key}, {rec.control_value}, {','.join(rec.context_keys)})")
+        return adata, record, keys
+    except BaseException:
+        adata.file.close()
+        raise
 
 
 def run(args: argparse.Namespace) -> int:

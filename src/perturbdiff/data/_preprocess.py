@@ -122,8 +122,6 @@ def apply_record(
 ) -> AnnData:
     """Replay a record on new data: same normalisation/log1p, genes aligned BY NAME to ``record["genes"]``."""
     check_input_kind(input_kind)
-    if missing_genes not in ("error", "zero"):
-        raise ConfigError(f"missing_genes must be 'error' or 'zero', got {missing_genes!r}")
     check_genes(adata.var_names)
     check_values(adata.X, input_kind)
     norm = record.get("normalize") or {}
@@ -134,16 +132,12 @@ def apply_record(
             stacklevel=2,
         )
     genes = [str(g) for g in record["genes"]]
-    idx = adata.var_names.get_indexer(genes)
-    missing = [g for g, i in zip(genes, idx) if i < 0]
-    if missing and missing_genes == "error":
-        raise missing_genes_error(missing, len(genes))
-    warn_zero_fill(len(missing), len(genes))
+    idx, missing = gene_index(adata.var_names, genes, missing_genes)
     X = _take_columns(_to_log1p(adata.X, input_kind, target_sum), idx)  # (N, G_record)
     keys = record.get("keys") or {}
     cols = [c for c in DataKeys.from_dict(keys).columns if c in adata.obs.columns] if keys else []
     out = AnnData(X=X, obs=_clean_obs(adata.obs, cols), var=pd.DataFrame(index=pd.Index(genes)))
-    applied = {**dict(record), "applied": {"input_kind": input_kind, "n_missing_genes": len(missing)}}
+    applied = {**dict(record), "applied": {"input_kind": input_kind, "n_missing_genes": missing}}
     out.uns["perturbdiff"] = {"record": json.dumps(applied)}
     return out
 
@@ -152,24 +146,29 @@ def apply_record(
 ZERO_FILL_WARN = 0.05
 
 
-def missing_genes_error(missing: Sequence[str], n_genes: int, what: str = "the data") -> DataError:
-    """One line naming the run's genes that ``what`` lacks, with the remedy in Python and CLI words."""
-    shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-    return DataError(f"{len(missing)} of {n_genes} of the run's genes are missing from {what}: {shown}",
-                     python="pass missing_genes='zero' to fill them with zeros",
-                     cli="pass --missing-genes zero to fill them with zeros")
+def gene_index(var_names, genes: Sequence[str], missing_genes: str = "error",
+               what: str = "the data") -> tuple[np.ndarray, int]:
+    """(column of each of ``genes`` in ``var_names``, -1 where absent; the number absent), matched BY NAME.
 
-
-def warn_zero_fill(n_missing: int, n_genes: int) -> None:
-    """Info for a few zero-filled genes; a loud warning past ``ZERO_FILL_WARN`` of them."""
-    if not n_missing:
-        return
-    share = n_missing / max(n_genes, 1)
+    Absent genes are refused in one line naming them (the remedy in Python and CLI words), or, with
+    ``missing_genes="zero"``, accepted: a few with a log line, more than ``ZERO_FILL_WARN`` of them loudly.
+    """
+    if missing_genes not in ("error", "zero"):
+        raise ConfigError(f"missing_genes must be 'error' or 'zero', got {missing_genes!r}")
+    idx = pd.Index(var_names).astype(str).get_indexer(genes)
+    missing = [g for g, i in zip(genes, idx) if i < 0]
+    if missing and missing_genes == "error":
+        shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise DataError(f"{len(missing)} of {len(genes)} of the run's genes are missing from {what}: {shown}",
+                        python="pass missing_genes='zero' to fill them with zeros",
+                        cli="pass --missing-genes zero to fill them with zeros")
+    share = len(missing) / max(len(genes), 1)
     if share > ZERO_FILL_WARN:
-        warn(f"{n_missing} of {n_genes} genes ({share:.0%}) are missing and filled with zeros: predictions for "
-             "these cells rest on an incomplete profile and may be unreliable")
-    else:
-        logger.info("%d of %d recorded genes are missing; filled with zeros", n_missing, n_genes)
+        warn(f"{len(missing)} of {len(genes)} genes ({share:.0%}) are missing and filled with zeros: predictions "
+             "for these cells rest on an incomplete profile and may be unreliable")
+    elif missing:
+        logger.info("%d of %d recorded genes are missing; filled with zeros", len(missing), len(genes))
+    return idx, len(missing)
 
 
 def align_genes(adata: AnnData, genes: Sequence[str], *, missing_genes: str = "error",
@@ -177,21 +176,14 @@ def align_genes(adata: AnnData, genes: Sequence[str], *, missing_genes: str = "e
     """``adata`` with exactly ``genes``, in that order, matched BY NAME: foreign genes are dropped, missing ones
     refused (one line naming them) or, with ``missing_genes="zero"``, filled with zeros. Returned unchanged when
     the genes already match; values are not transformed."""
-    if missing_genes not in ("error", "zero"):
-        raise ConfigError(f"missing_genes must be 'error' or 'zero', got {missing_genes!r}")
     genes = [str(g) for g in genes]
     names = pd.Index(adata.var_names.astype(str))
     if names.equals(pd.Index(genes)):
         return adata
     check_genes(names)
-    idx = names.get_indexer(genes)
-    missing = [g for g, i in zip(genes, idx) if i < 0]
-    if missing and missing_genes == "error":
-        raise missing_genes_error(missing, len(genes), what)
-    warn_zero_fill(len(missing), len(genes))
-    n_foreign = len(names) - int((idx >= 0).sum())
-    logger.info("genes of %s matched by name to the run's %d genes (%d reordered or dropped, %d zero-filled)",
-                what, len(genes), n_foreign, len(missing))
+    idx, n_missing = gene_index(names, genes, missing_genes, what)
+    logger.info("genes of %s matched by name to the run's %d genes (%d dropped, %d zero-filled)",
+                what, len(genes), len(names) - int((idx >= 0).sum()), n_missing)
     out = AnnData(X=_take_columns(_to_csr(adata.X), idx), obs=adata.obs.copy(),
                   var=pd.DataFrame(index=pd.Index(genes)))
     out.uns = dict(adata.uns)
