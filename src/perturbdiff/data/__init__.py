@@ -11,6 +11,7 @@ _WHERE = {
     "CellSetDataset": "_sets", "CellSetIndex": "_sets", "make_loader": "_sets",
     "Condition": "_split", "Split": "_split", "condition_labels": "_split", "make_split": "_split",
     "CellStore": "_store", "open_store": "_store", "preprocess_store": "_store", "write_store": "_store",
+    "MarginalSource": "_marginal", "marginal_source": "_marginal",
     "register": "_validate",
     "Covariates": "_vocab", "Vocab": "_vocab",
 }
