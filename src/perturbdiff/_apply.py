@@ -19,8 +19,7 @@ from anndata import AnnData
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import is_cli, logger, warn
 from perturbdiff._model import with_sampler
-from perturbdiff.data import DataKeys, apply_record, get_record
-from perturbdiff.data._sets import _as_csr
+from perturbdiff.data import DataKeys, apply_record, as_csr, get_record
 from perturbdiff.data._split import obs_codes
 from perturbdiff.data._vocab import UNKNOWN
 from perturbdiff.predict import assemble, output_uns
@@ -212,7 +211,7 @@ def _with_user_controls(pred: AnnData, prepared: AnnData, keys: DataKeys, user_k
         obs[col] = obs[col].astype("category")
     obs["sample"] = obs["sample"].astype(np.int64)
     obs["predicted"] = obs["predicted"].astype(bool)
-    X = sp.vstack([_as_csr(pred.X), _as_csr(prepared.X)]).tocsr().astype(np.float32)
+    X = sp.vstack([as_csr(pred.X), as_csr(prepared.X)]).tocsr().astype(np.float32)
     return AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(pred.var_names)))
 
 
@@ -236,7 +235,7 @@ def _factorize(obs: pd.DataFrame, cols: Sequence[str]) -> tuple[np.ndarray, list
 def _group_means(X, codes: np.ndarray, n: int, weights: np.ndarray | None = None, *,
                  expm1: bool = False) -> np.ndarray:
     """Weighted mean of the rows of X per group code: indicator matrix [n, N] @ X [N, G] -> [n, G]."""
-    X = _as_csr(X)
+    X = as_csr(X)
     if expm1:
         X = X.copy()
         X.data = np.expm1(X.data)

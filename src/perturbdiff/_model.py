@@ -19,8 +19,9 @@ from perturbdiff._logging import is_cli, logger, warn
 from perturbdiff.config import Config, DiffusionConfig
 from perturbdiff.data import DataKeys, get_record
 from perturbdiff.data._embeddings import align_table, read_embedding_table
+from perturbdiff.data._matrix import as_csr
 from perturbdiff.data._preprocess import align_genes
-from perturbdiff.data._sets import CellSetDataset, CellSetIndex, _as_csr
+from perturbdiff.data._sets import CellSetDataset, CellSetIndex
 from perturbdiff.data._split import Condition, Split, labels, training_mask
 from perturbdiff.data._store import nonzero_stats, row_mean
 from perturbdiff.data._vocab import Vocab, unseen_error
@@ -131,7 +132,7 @@ class PerturbDiff:
         S = self.cfg.data.set_size
         n_cells = [min(len(g), 2 * S) for g in index.groups]
         pools = [index.control_pool(i) for i in range(len(conds))]
-        real = [_as_csr(self.adata.X[g[:n]]).toarray() / self.scale for g, n in zip(index.groups, n_cells)]
+        real = [as_csr(self.adata.X[g[:n]]).toarray() / self.scale for g, n in zip(index.groups, n_cells)]
         ctrl_mean = [row_mean(self.adata.X, pool) / self.scale for pool in pools]  # store: in blocks
 
         unseen = self.vocab.unseen_parts([p for _, p in conds])

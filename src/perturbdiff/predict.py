@@ -14,7 +14,8 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from perturbdiff.config import DiffusionConfig
-from perturbdiff.data._sets import _as_csr, _draw, _row_reader
+from perturbdiff.data._matrix import as_csr, row_reader
+from perturbdiff.data._sets import draw_positions
 from perturbdiff.data._split import Condition, condition_codes
 from perturbdiff.diffusion import Schedule, ddim_sample
 
@@ -28,7 +29,7 @@ def plan_sets(pools: Sequence[np.ndarray], n_cells: Sequence[int], S: int, n_sam
             if n_sets == 0:
                 continue
             rng = np.random.default_rng([seed, k, i])
-            pos, _ = _draw(rng, len(pool), n_sets, S)
+            pos, _ = draw_positions(rng, len(pool), n_sets, S)
             rows.append(pool[pos])
             cond += [i] * n_sets
             sample += [k] * n_sets
@@ -43,7 +44,7 @@ def generate(network: torch.nn.Module, sched: Schedule, dcfg: DiffusionConfig, X
              zero_threshold: float | None = None, seed: int = 0,
              batch_size: int = 64, device: str | torch.device = "cpu", progress: bool = True) -> np.ndarray:
     """DDIM-sample one target set per row of ``control_rows`` [N, S]; returns model-space cells [N, S, G]."""
-    X, device = _row_reader(X), torch.device(device)  # in-memory CSR or a store's lazy rows
+    X, device = row_reader(X), torch.device(device)  # in-memory CSR or a store's lazy rows
     network = network.to(device).eval()
     N, S = control_rows.shape
     out = np.zeros((N, S, X.shape[1]), np.float32)
@@ -94,7 +95,7 @@ def with_controls(pred: AnnData, adata: AnnData, keys, contexts: set[tuple[str, 
     want = [i for i, (ctx, p) in enumerate(present) if p == keys.control_value and ctx in contexts]
     rows = np.flatnonzero(np.isin(code, want))
     cols = [keys.pert_key, *keys.context_keys]
-    ctrl = AnnData(X=_as_csr(adata.X[rows]), obs=adata.obs.iloc[rows][cols].astype(str).copy(),
+    ctrl = AnnData(X=as_csr(adata.X[rows]), obs=adata.obs.iloc[rows][cols].astype(str).copy(),
                    var=pd.DataFrame(index=adata.var_names.copy()))
     ctrl.obs["sample"] = -1
     ctrl.obs["predicted"] = False

@@ -12,6 +12,7 @@ _WHERE = {
     "Condition": "_split", "Split": "_split", "condition_labels": "_split", "make_split": "_split",
     "CellStore": "_store", "open_store": "_store", "preprocess_store": "_store", "write_store": "_store",
     "MarginalSource": "_marginal", "marginal_source": "_marginal",
+    "as_csr": "_matrix", "row_reader": "_matrix", "group_means": "_matrix",
     "register": "_validate",
     "Covariates": "_vocab", "Vocab": "_vocab",
 }

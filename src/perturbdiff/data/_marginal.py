@@ -20,8 +20,9 @@ from torch.utils.data import Dataset
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._matrix import as_csr
 from perturbdiff.data._preprocess import MODEL_SCALE, _hvg, _to_log1p, get_record
-from perturbdiff.data._sets import SetBatch, _as_csr, _cut_sets, _split_rows
+from perturbdiff.data._sets import SetBatch, cut_sets, split_rows
 from perturbdiff.data._validate import check_genes, check_input_kind, check_values
 
 CONTEXT_SEP = " / "  # a context of several columns becomes one token: "value1 / value2"
@@ -144,7 +145,7 @@ class MarginalSetDataset(Dataset):
         tok = ctx_index.get_indexer(np.concatenate([s.contexts for s in self.sources]))
         tok = np.where(tok < 0, 0, tok)  # not in the vocabulary: <unknown>
         self._local = np.concatenate([np.arange(len(s.rows)) for s in self.sources])  # row within its source
-        ukey, groups = _split_rows(np.arange(len(ds)), ds * len(ctx_index) + tok)
+        ukey, groups = split_rows(np.arange(len(ds)), ds * len(ctx_index) + tok)
         self.unit_dataset, self.unit_context = ukey // len(ctx_index), ukey % len(ctx_index)
         self._sizes = np.asarray([len(g) for g in groups], np.int64)
         self._flat = np.concatenate([np.zeros(0, np.int64), *groups])
@@ -154,7 +155,7 @@ class MarginalSetDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Shuffle, pad and cut every (data set, context) unit into sets of S; shuffle the sets."""
         rng = np.random.default_rng([self.seed, int(epoch), 7])
-        rows, pad, unit = _cut_sets(rng, self._flat, self._sizes, self.set_size)
+        rows, pad, unit = cut_sets(rng, self._flat, self._sizes, self.set_size)
         order = rng.permutation(len(rows))
         self._rows, self._pad, self._unit = rows[order], pad[order], unit[order]
         self.epoch = int(epoch)
@@ -172,7 +173,7 @@ class MarginalSetDataset(Dataset):
         for d in np.unique(ds).tolist():
             sel = np.flatnonzero(ds == d)
             src = self.sources[d]
-            X = _as_csr(src.adata.X[src.rows[self._local[rows[sel].ravel()]]])  # (n·S, g_d)
+            X = as_csr(src.adata.X[src.rows[self._local[rows[sel].ravel()]]])  # (n·S, g_d)
             vals = X.toarray().reshape(len(sel), S, -1) / np.float32(self.scale)
             out[np.ix_(sel, np.arange(S), self.gene_pos[d])] = vals
         zeros = torch.zeros(B, dtype=torch.int64)

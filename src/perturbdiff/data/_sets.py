@@ -7,13 +7,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._matrix import row_reader
 from perturbdiff.data._split import Condition, condition_codes, obs_codes
 from perturbdiff.data._vocab import Vocab
 
@@ -28,7 +28,7 @@ def _labels(adata, col: str | None) -> tuple[np.ndarray, list[str | None]]:
     return obs_codes(adata.obs, col, required=False)
 
 
-def _split_rows(rows: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+def split_rows(rows: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """Group ``rows`` by integer ``key``: (sorted unique keys, rows of each key)."""
     uniq, inv = np.unique(key, return_inverse=True)
     if len(uniq) == 0:
@@ -90,7 +90,7 @@ class CellSetIndex:
         rows = np.concatenate([empty, *groups])
         cond = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
         nb, nd = len(b_cats) + 1, len(d_cats) + 1
-        ukey, unit_rows = _split_rows(rows, (cond * nb + b_code[rows] + 1) * nd + d_code[rows] + 1)
+        ukey, unit_rows = split_rows(rows, (cond * nb + b_code[rows] + 1) * nd + d_code[rows] + 1)
         unit_cond, ub, ud = ukey // (nb * nd), (ukey // nd) % nb - 1, ukey % nd - 1
         index = cls(
             keys=keys,
@@ -153,13 +153,13 @@ def _own_control_pools(code, present, keys: DataKeys, b_code, b_cats) -> tuple[l
     if len(ctrl) == 0:
         raise DataError(f"no control cells: no cell has {keys.pert_key!r} == {keys.control_value!r}")
     nb = len(b_cats) + 1
-    ukey, pools = _split_rows(ctrl, code[ctrl] * nb + b_code[ctrl] + 1)
+    ukey, pools = split_rows(ctrl, code[ctrl] * nb + b_code[ctrl] + 1)
     pool_keys = [(present[k // nb][0], b_cats[k % nb - 1] if k % nb else None) for k in ukey.tolist()]
     return list(pools), pool_keys
 
 
 # -- per-epoch sampling (all index arithmetic vectorised) ---------------------------------------------------
-def _cut_sets(rng, flat_rows: np.ndarray, sizes: np.ndarray, S: int) -> tuple[np.ndarray, ...]:
+def cut_sets(rng, flat_rows: np.ndarray, sizes: np.ndarray, S: int) -> tuple[np.ndarray, ...]:
     """Shuffle each unit, pad it to a multiple of S by sampling with replacement, cut into sets of S.
 
     Returns rows [n_sets, S], pad flags [n_sets, S] (True on padded copies) and the unit of each set [n_sets].
@@ -178,7 +178,7 @@ def _cut_sets(rng, flat_rows: np.ndarray, sizes: np.ndarray, S: int) -> tuple[np
     return rows, pad, units[order][::S]
 
 
-def _draw(rng, n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
+def draw_positions(rng, n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
     """k draws of S positions in [0, n): without replacement within a draw when n >= S.
 
     When n < S a draw is all n positions (shuffled) plus S - n sampled with replacement, flagged True.
@@ -199,30 +199,16 @@ def _draw(rng, n: int, k: int, S: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _by_value(values: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """(value, positions holding it) for each distinct value, by one stable sort."""
-    uniq, groups = _split_rows(np.arange(len(values)), values)
+    uniq, groups = split_rows(np.arange(len(values)), values)
     return list(zip(uniq.tolist(), groups))
 
 
 def _draw_from_pools(rng, pools: list[np.ndarray], pool_of_set: np.ndarray, S: int) -> np.ndarray:
-    """Control rows [n, S] drawn for each set from its pool (grouped by pool: one _draw call per pool)."""
+    """Control rows [n, S] drawn for each set from its pool (grouped by pool: one draw_positions call per pool)."""
     rows = np.zeros((len(pool_of_set), S), np.int64)
     for p, sel in _by_value(pool_of_set):
-        rows[sel] = pools[p][_draw(rng, len(pools[p]), len(sel), S)[0]]
+        rows[sel] = pools[p][draw_positions(rng, len(pools[p]), len(sel), S)[0]]
     return rows
-
-
-def _as_csr(X) -> sp.csr_matrix:
-    """X as an in-memory float32 CSR matrix (no copy when it already is one)."""
-    if sp.issparse(X):
-        return sp.csr_matrix(X, dtype=np.float32)
-    if isinstance(X, np.ndarray):
-        return sp.csr_matrix(X.astype(np.float32, copy=False))
-    raise DataError(f"X must be in memory (numpy or scipy sparse) for the set sampler, got {type(X).__name__}")
-
-
-def _row_reader(X):
-    """X for row gathers ``X[rows]`` -> CSR: a store's lazy matrix (``lazy_rows``) as it is, else in-memory CSR."""
-    return X if getattr(X, "lazy_rows", False) else _as_csr(X)
 
 
 def _control_sets(rng, pools: list[np.ndarray], src: np.ndarray, S: int) -> tuple[np.ndarray, ...]:
@@ -233,11 +219,11 @@ def _control_sets(rng, pools: list[np.ndarray], src: np.ndarray, S: int) -> tupl
     for p, sel in _by_value(src):
         pool = pools[p]
         if len(pool) >= 2 * S:  # disjoint halves of one draw
-            pos, _ = _draw(rng, len(pool), len(sel), 2 * S)
+            pos, _ = draw_positions(rng, len(pool), len(sel), 2 * S)
             target[sel], control[sel] = pool[pos[:, :S]], pool[pos[:, S:]]
         else:
-            pos, flags[sel] = _draw(rng, len(pool), len(sel), S)
-            target[sel], control[sel] = pool[pos], pool[_draw(rng, len(pool), len(sel), S)[0]]
+            pos, flags[sel] = draw_positions(rng, len(pool), len(sel), S)
+            target[sel], control[sel] = pool[pos], pool[draw_positions(rng, len(pool), len(sel), S)[0]]
     return target, control, flags
 
 
@@ -274,7 +260,7 @@ class CellSetDataset(Dataset):
             raise DataError(
                 f"set_size must be >= 1 and control_set_fraction >= 0 (got {set_size}, {control_set_fraction})"
             )
-        self.X = _row_reader(adata.X)  # in-memory CSR or a store's lazy rows
+        self.X = row_reader(adata.X)  # in-memory CSR or a store's lazy rows
         self.index, self.set_size, self.seed = index, int(set_size), int(seed)
         self.control_set_fraction, self.scale = float(control_set_fraction), float(scale)
         self._sizes = np.asarray([len(r) for r in index.unit_rows], dtype=np.int64)
@@ -297,7 +283,7 @@ class CellSetDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         """Shuffle, pad and cut every unit; draw control sets; add control->control sets, shuffle."""
         rng, S, ix = np.random.default_rng([self.seed, int(epoch)]), self.set_size, self.index
-        rows, pad, unit = _cut_sets(rng, self._flat, self._sizes, S)  # (n, S), (n, S), (n,)
+        rows, pad, unit = cut_sets(rng, self._flat, self._sizes, S)  # (n, S), (n, S), (n,)
         ctrl = _draw_from_pools(rng, ix.pools, ix.unit_pool[unit], S)  # (n, S)
         n_cc = int(math.floor(self.control_set_fraction * len(rows) + 0.5))
         src = rng.integers(0, ix.n_own_pools, size=n_cc)

@@ -43,6 +43,7 @@ from perturbdiff._errors import DataError
 from perturbdiff._io import _umask
 from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._matrix import as_csr
 from perturbdiff.data._preprocess import (
     HVG_FLAVOR,
     _clean_obs,
@@ -53,7 +54,6 @@ from perturbdiff.data._preprocess import (
     make_record,
     top_genes,
 )
-from perturbdiff.data._sets import _as_csr
 from perturbdiff.data._split import condition_codes
 from perturbdiff.data._validate import register
 
@@ -112,7 +112,7 @@ class StoreMatrix:
     """X of a store, never loaded whole: ``X[rows]`` -> scipy CSR float32 (rows: ints in any order, repeats
     allowed, a boolean mask or a slice); ``shape``, ``dtype``, ``nnz``, ``to_memory()``."""
 
-    lazy_rows = True  # perturbdiff.data._sets._row_reader passes such an X through instead of converting it
+    lazy_rows = True  # perturbdiff.data._sets.row_reader passes such an X through instead of converting it
     # announce a gather's pages to the kernel first: ≈ 13x faster reads from disk, ≈ 2-3x slower from the page cache.
     # None (automatic): on for the next _PREFETCH_GATHERS gathers after one that waited on the disk; True / False.
     prefetch: bool | None = None
@@ -294,7 +294,7 @@ def nonzero_stats(X, rows: np.ndarray, q: float = 0.01) -> tuple[float, float, i
     In memory: numpy on X[rows]. A store: one pass in blocks keeping only the ⌊q(n-1)⌋ + 2 smallest values, exact.
     """
     if not getattr(X, "lazy_rows", False):
-        sub = _as_csr(X)[rows]
+        sub = as_csr(X)[rows]
         return (float(sub.max()), float(np.quantile(sub.data, q)), int(sub.nnz)) if sub.nnz else (0.0, 0.0, 0)
     rows = np.asarray(rows, dtype=np.int64)
     n = int((X.indptr[rows + 1] - X.indptr[rows]).sum())
@@ -319,7 +319,7 @@ def nonzero_stats(X, rows: np.ndarray, q: float = 0.01) -> tuple[float, float, i
 def row_mean(X, rows: np.ndarray) -> np.ndarray:
     """Mean of X over ``rows`` [G]: scipy on X[rows] in memory; a store summed in blocks (float64)."""
     if not getattr(X, "lazy_rows", False):
-        return np.asarray(_as_csr(X[rows]).mean(0)).ravel()
+        return np.asarray(as_csr(X[rows]).mean(0)).ravel()
     total = np.zeros(X.shape[1])
     for blk in X.blocks(np.asarray(rows, dtype=np.int64)):
         total += np.bincount(blk.indices, weights=blk.data, minlength=X.shape[1])
@@ -330,7 +330,7 @@ def row_mean(X, rows: np.ndarray) -> np.ndarray:
 def write_store(adata: AnnData, path: str | Path) -> CellStore:
     """Write a preprocessed in-memory AnnData as a store: cells sorted stably by condition, atomically."""
     keys = DataKeys.from_dict(get_record(adata)["keys"])
-    X = _as_csr(adata.X)
+    X = as_csr(adata.X)
     order = np.argsort(_group_codes(adata.obs, keys)[0], kind="stable")
     step = max(1, _BLOCK // max(1, math.ceil(X.nnz / max(adata.n_obs, 1))))
     blocks = (X[order[a : a + step]] for a in range(0, adata.n_obs, step))
