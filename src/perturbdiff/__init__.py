@@ -1,13 +1,7 @@
 """PerturbDiff: diffusion over sets of cells to predict single-cell perturbation responses."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("perturbdiff")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
-
 from perturbdiff._errors import CheckpointError, ConfigError, DataError, OutputError, PerturbDiffError
+from perturbdiff._version import __version__
 from perturbdiff.config import Config
 
 __all__ = [

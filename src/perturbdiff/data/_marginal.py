@@ -21,7 +21,7 @@ from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._matrix import as_csr
-from perturbdiff.data._preprocess import MODEL_SCALE, _hvg, _to_log1p, get_record
+from perturbdiff.data._preprocess import MODEL_SCALE, get_record, hvg_genes, to_log1p
 from perturbdiff.data._sets import SetBatch, cut_sets, split_rows
 from perturbdiff.data._validate import check_genes, check_input_kind, check_values
 
@@ -93,8 +93,8 @@ def marginal_source(adata: AnnData, name: str, *, context_keys: Sequence[str] | 
         check_values(adata.X, input_kind)
         ctx_keys = tuple(context_keys)
         _context_tokens(adata.obs, ctx_keys)  # missing column: clear error before the work
-        X = _to_log1p(adata.X, input_kind, target_sum)
-        genes = _hvg(X, adata.var_names, np.ones(adata.n_obs, bool), n_hvg)
+        X = to_log1p(adata.X, input_kind, target_sum)
+        genes = hvg_genes(X, adata.var_names, np.ones(adata.n_obs, bool), n_hvg)
         cols = adata.var_names.get_indexer(genes)  # select the genes once, not per batch
         adata = AnnData(X=X[:, cols], obs=adata.obs, var=pd.DataFrame(index=pd.Index(genes)))
         rows, cells = np.arange(adata.n_obs), "all cells"

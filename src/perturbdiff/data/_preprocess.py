@@ -60,9 +60,9 @@ def preprocess(
             var_names = split.var_names
         else:
             train_mask = training_mask(adata, keys, split)
-    X = _to_log1p(adata.X, keys.input_kind, target_sum)  # (N, G_all) CSR float32
+    X = to_log1p(adata.X, keys.input_kind, target_sum)  # (N, G_all) CSR float32
     if var_names is not None:
-        genes = _given_genes(adata.var_names, var_names)
+        genes = given_genes(adata.var_names, var_names)
         selection: dict[str, Any] = {
             "method": "given",
             "n_top": len(genes),
@@ -70,8 +70,8 @@ def preprocess(
             "n_train_cells": None,
         }
     else:
-        mask = _train_mask(train_mask, adata.n_obs)
-        genes = _hvg(X, adata.var_names, mask, n_hvg)
+        mask = hvg_cell_mask(train_mask, adata.n_obs)
+        genes = hvg_genes(X, adata.var_names, mask, n_hvg)
         method = "hvg" if n_hvg < adata.n_vars else "all"
         selection = {
             "method": method,
@@ -81,7 +81,7 @@ def preprocess(
         }
     record = make_record(keys, genes, selection, target_sum)
     cols = adata.var_names.get_indexer(genes)
-    out = AnnData(X=X[:, cols], obs=_clean_obs(adata.obs, keys.columns), var=pd.DataFrame(index=pd.Index(genes)))
+    out = AnnData(X=X[:, cols], obs=clean_obs(adata.obs, keys.columns), var=pd.DataFrame(index=pd.Index(genes)))
     out.uns["perturbdiff"] = {"record": json.dumps(record)}
     logger.info("preprocessed %d cells x %d genes (%s)", out.n_obs, out.n_vars, selection["method"])
     return out
@@ -133,10 +133,10 @@ def apply_record(
         )
     genes = [str(g) for g in record["genes"]]
     idx, missing = gene_index(adata.var_names, genes, missing_genes)
-    X = _take_columns(_to_log1p(adata.X, input_kind, target_sum), idx)  # (N, G_record)
+    X = _take_columns(to_log1p(adata.X, input_kind, target_sum), idx)  # (N, G_record)
     keys = record.get("keys") or {}
     cols = [c for c in DataKeys.from_dict(keys).columns if c in adata.obs.columns] if keys else []
-    out = AnnData(X=X, obs=_clean_obs(adata.obs, cols), var=pd.DataFrame(index=pd.Index(genes)))
+    out = AnnData(X=X, obs=clean_obs(adata.obs, cols), var=pd.DataFrame(index=pd.Index(genes)))
     applied = {**dict(record), "applied": {"input_kind": input_kind, "n_missing_genes": missing}}
     out.uns["perturbdiff"] = {"record": json.dumps(applied)}
     return out
@@ -199,7 +199,7 @@ def _to_csr(X) -> sp.csr_matrix:
     return _to_csr(blk if sp.issparse(blk) else np.asarray(blk))
 
 
-def _to_log1p(X, input_kind: str, target_sum: float) -> sp.csr_matrix:
+def to_log1p(X, input_kind: str, target_sum: float) -> sp.csr_matrix:
     """scanpy normalize_total(target_sum) -> log1p for counts; log1p input only cast. (N, G) CSR float32."""
     X = _to_csr(X)
     X.eliminate_zeros()
@@ -213,7 +213,9 @@ def _to_log1p(X, input_kind: str, target_sum: float) -> sp.csr_matrix:
     return sp.csr_matrix(tmp.X, dtype=np.float32)
 
 
-def _train_mask(train_mask, n_obs: int) -> np.ndarray:
+def hvg_cell_mask(train_mask, n_obs: int) -> np.ndarray:
+    """The cells that choose the HVGs: a given ``train_mask`` checked (bool, length ``n_obs``, not empty), or every
+    cell when None. (A split's training cells come from :func:`perturbdiff.data.training_mask`.)"""
     if train_mask is None:
         return np.ones(n_obs, dtype=bool)
     mask = np.asarray(train_mask)
@@ -224,7 +226,7 @@ def _train_mask(train_mask, n_obs: int) -> np.ndarray:
     return mask
 
 
-def _hvg(X: sp.csr_matrix, var_names: pd.Index, mask: np.ndarray, n_hvg: int) -> list[str]:
+def hvg_genes(X: sp.csr_matrix, var_names: pd.Index, mask: np.ndarray, n_hvg: int) -> list[str]:
     """Top ``n_hvg`` seurat-flavour HVGs of the masked cells, in the data's gene order."""
     if n_hvg >= X.shape[1]:
         return [str(g) for g in var_names]
@@ -248,7 +250,8 @@ def top_genes(hv: np.ndarray, disp: np.ndarray, n_top: int, var_names: pd.Index)
     return [str(g) for g in var_names[hv]]
 
 
-def _given_genes(var_names: pd.Index, wanted: Sequence[str]) -> list[str]:
+def given_genes(var_names: pd.Index, wanted: Sequence[str]) -> list[str]:
+    """``wanted`` as strings, checked: no gene twice and every one present in ``var_names`` (DataError)."""
     genes = [str(g) for g in wanted]
     dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique()
     if len(dup):
@@ -268,7 +271,7 @@ def _take_columns(X: sp.csr_matrix, idx: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((sub.data, present[sub.indices], sub.indptr), shape=(X.shape[0], len(idx)))
 
 
-def _clean_obs(obs: pd.DataFrame, key_cols: Sequence[str]) -> pd.DataFrame:
+def clean_obs(obs: pd.DataFrame, key_cols: Sequence[str]) -> pd.DataFrame:
     """A copy of obs with the key columns as categoricals of strings and a unique string index (repeated cell
     names get anndata's ``-1``, ``-2`` suffixes, with a warning: cells are told apart by name downstream)."""
     out = obs.copy()

@@ -38,20 +38,20 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from perturbdiff import __version__
 from perturbdiff._errors import DataError
-from perturbdiff._io import _umask
+from perturbdiff._io import current_umask
 from perturbdiff._logging import logger
+from perturbdiff._version import __version__
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._matrix import as_csr
 from perturbdiff.data._preprocess import (
     HVG_FLAVOR,
-    _clean_obs,
-    _given_genes,
-    _to_log1p,
-    _train_mask,
+    clean_obs,
     get_record,
+    given_genes,
+    hvg_cell_mask,
     make_record,
+    to_log1p,
     top_genes,
 )
 from perturbdiff.data._split import condition_codes
@@ -408,7 +408,7 @@ def _staging(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~current_umask())
         yield tmp
         old = tmp.with_suffix(".old") if path.exists() else None
         if old is not None:
@@ -441,7 +441,7 @@ def preprocess_store(adata: AnnData, path: str | Path, keys: DataKeys, *, n_hvg:
     register(adata, keys)
     genes, selection = _choose_genes(adata, keys, n_hvg, train_mask, var_names, target_sum, chunk_cells)
     record = make_record(keys, genes, selection, target_sum)
-    obs = _clean_obs(adata.obs, keys.columns)
+    obs = clean_obs(adata.obs, keys.columns)
     order = np.argsort(_group_codes(obs, keys)[0], kind="stable")
     uns = {"perturbdiff": {"record": json.dumps(record)}}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -456,7 +456,7 @@ def _log1p_chunks(adata, kind: str, target_sum: float, chunk: int, mask: np.ndar
     """(first row, log1p CSR of rows [a, a + chunk)) over X; row-local, so equal to transforming X whole."""
     for a in range(0, adata.n_obs, chunk):
         if mask is None or mask[a : a + chunk].any():
-            yield a, _to_log1p(adata.X[a : a + chunk], kind, target_sum)
+            yield a, to_log1p(adata.X[a : a + chunk], kind, target_sum)
 
 
 def _spill(work: Path, adata, kind: str, target_sum: float, cols: np.ndarray, chunk: int) -> StoreMatrix:
@@ -479,9 +479,9 @@ def _choose_genes(adata, keys: DataKeys, n_hvg: int, train_mask, var_names, targ
                   chunk: int) -> tuple[list[str], dict[str, Any]]:
     """Genes and the record's gene_selection: given names, or the top seurat HVGs of the training cells."""
     if var_names is not None:
-        genes = _given_genes(adata.var_names, var_names)
+        genes = given_genes(adata.var_names, var_names)
         return genes, {"method": "given", "n_top": len(genes), "flavor": None, "n_train_cells": None}
-    mask = _train_mask(train_mask, adata.n_obs)
+    mask = hvg_cell_mask(train_mask, adata.n_obs)
     if n_hvg >= adata.n_vars:
         genes = [str(g) for g in adata.var_names]
     else:
