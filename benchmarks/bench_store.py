@@ -26,8 +26,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from perturbdiff.data import DataKeys, Split
-from perturbdiff.data._store import _write_store, open_store
+from perturbdiff.data import DataKeys, Split, open_store, write_store_blocks
 
 G, NNZ, N_CT, N_PERT, BLOCK = 2000, 200, 4, 50, 100_000
 KEYS = DataKeys("perturbation", "control", ("cell_type",), "log1p", batch_key="batch")
@@ -72,8 +71,8 @@ def make_store(path: Path, n: int) -> float:
               "genes": genes, "gene_selection": {"method": "given", "n_top": G, "flavor": None, "n_train_cells": None},
               "scale": 10.0, "versions": {}}
     codes = obs["perturbation"].cat.codes.to_numpy()
-    _write_store(path, obs, pd.DataFrame(index=genes), {"perturbdiff": {"record": json.dumps(record)}},
-                 synthetic_blocks(codes, lens), int(lens.sum()))
+    write_store_blocks(path, obs, pd.DataFrame(index=genes), {"perturbdiff": {"record": json.dumps(record)}},
+                       synthetic_blocks(codes, lens), int(lens.sum()))
     return time.perf_counter() - t
 
 

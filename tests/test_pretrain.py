@@ -211,7 +211,7 @@ def test_errors_name_the_problem(tmp_path, pretrained, atlas, synthetic_prep, sp
 
 def test_pretraining_streams_from_a_store_with_the_same_cells(tmp_path, synthetic_prep, atlas):
     """A preprocessed store is a pretraining source like its in-memory AnnData: same targets, rows read lazily."""
-    from perturbdiff.data._store import StoreMatrix, open_store, write_store
+    from perturbdiff.data import StoreMatrix, open_store, write_store
 
     write_store(synthetic_prep, tmp_path / "cells")
     store = open_store(tmp_path / "cells")

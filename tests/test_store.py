@@ -12,10 +12,23 @@ import pytest
 import torch
 
 import perturbdiff.data._store as store_mod
+import perturbdiff.data._store_write as store_write_mod
 from perturbdiff import Config, DataError, PerturbDiff
 from perturbdiff.cli import main
-from perturbdiff.data import CellSetDataset, CellSetIndex, Vocab, get_record, make_split, preprocess
-from perturbdiff.data._store import CellStore, StoreMatrix, nonzero_stats, open_store, row_mean, write_store
+from perturbdiff.data import (
+    CellSetDataset,
+    CellSetIndex,
+    CellStore,
+    StoreMatrix,
+    Vocab,
+    get_record,
+    make_split,
+    nonzero_stats,
+    open_store,
+    preprocess,
+    row_mean,
+    write_store,
+)
 from perturbdiff.datasets import read_h5ad
 
 
@@ -189,7 +202,7 @@ def test_cli_out_and_store_then_train_and_predict(counts_file, synthetic_counts,
 
 def test_failed_write_leaves_no_half_store(synthetic_prep, tmp_path, monkeypatch):
     target = tmp_path / "st"
-    real = store_mod._write_h5
+    real = store_write_mod._write_h5
 
     def dies_midway(file, obs, var, uns, blocks, nnz):
         def some_blocks():
@@ -198,13 +211,13 @@ def test_failed_write_leaves_no_half_store(synthetic_prep, tmp_path, monkeypatch
 
         real(file, obs, var, uns, some_blocks(), nnz)
 
-    monkeypatch.setattr(store_mod, "_write_h5", dies_midway)
+    monkeypatch.setattr(store_write_mod, "_write_h5", dies_midway)
     with pytest.raises(OSError, match="disk full"):
         write_store(synthetic_prep, target)
     assert list(tmp_path.iterdir()) == []  # neither the store nor its temporary directory
-    monkeypatch.setattr(store_mod, "_write_h5", real)
+    monkeypatch.setattr(store_write_mod, "_write_h5", real)
     first = write_store(synthetic_prep, target)
-    monkeypatch.setattr(store_mod, "_write_h5", dies_midway)
+    monkeypatch.setattr(store_write_mod, "_write_h5", dies_midway)
     with pytest.raises(OSError):
         write_store(synthetic_prep, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["st"]  # the old store is untouched and still opens

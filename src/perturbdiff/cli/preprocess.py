@@ -12,9 +12,8 @@ import numpy as np
 
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._io import atomic_write
-from perturbdiff.data import DataKeys, Split, preprocess
+from perturbdiff.data import DataKeys, Split, preprocess, preprocess_store, write_store
 from perturbdiff.data._split import condition_codes  # per-cell codes without per-cell tuples
-from perturbdiff.data._store import preprocess_store, write_store
 from perturbdiff.datasets import read_h5ad
 
 

@@ -14,6 +14,9 @@ file read-only, gathers every requested row with one vectorised index (no HDF5 c
 resident memory holds one batch, never the matrix. Format chosen by measurement (docs/PERFORMANCE.md, "Out-of-core
 store"): with the file in the page cache 2-7x the set reads/s of h5py row slices, 4-12x anndata's backed CSR and
 15-40x zarr.
+
+Writing a store is :mod:`perturbdiff.data._store_write`; preprocessing data larger than memory into one,
+:mod:`perturbdiff.data._store_preprocess`.
 """
 
 from __future__ import annotations
@@ -22,14 +25,10 @@ import json
 import math
 import mmap
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import h5py
@@ -39,26 +38,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from perturbdiff._errors import DataError
-from perturbdiff._io import current_umask
-from perturbdiff._logging import logger
-from perturbdiff._version import __version__
-from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._matrix import as_csr
-from perturbdiff.data._preprocess import (
-    HVG_FLAVOR,
-    clean_obs,
-    get_record,
-    given_genes,
-    hvg_cell_mask,
-    make_record,
-    to_log1p,
-    top_genes,
-)
-from perturbdiff.data._split import condition_codes
-from perturbdiff.data._validate import register
 
 MARKER, CELLS, FORMAT, VERSION = "store.json", "cells.h5ad", "perturbdiff-store", 1
-_ALIGN = 4096  # byte alignment of X's datasets in the file
 _BLOCK = 1 << 22  # stored values per block when writing or scanning (bounds temporary memory to ≈ 50 MB)
 _PAGE = mmap.PAGESIZE
 _FADVISE = hasattr(os, "posix_fadvise")  # Linux / BSD: announce a gather's pages (parallel reads when not cached)
@@ -185,9 +167,17 @@ class StoreMatrix:
         np.cumsum(lens, out=ptr[1:])
         return ptr, np.repeat(start - ptr[:-1], lens) + np.arange(ptr[-1])
 
+    @classmethod
+    def from_raw(cls, data_file: str | Path, indices_file: str | Path, indptr: np.ndarray,
+                 shape: tuple[int, int]) -> StoreMatrix:
+        """X from two raw little-endian files (float32 values, int32 column indices, in row order) and its row
+        pointers."""
+        nnz = int(indptr[-1])
+        return cls(_Flat(str(data_file), 0, "<f4", nnz), _Flat(str(indices_file), 0, "<i4", nnz), indptr, shape)
+
     def block_rows(self) -> int:
         """Rows per block of about ``_BLOCK`` stored values."""
-        return max(1, _BLOCK // max(1, math.ceil(self.nnz / max(self.shape[0], 1))))
+        return rows_per_block(self.nnz, self.shape[0])
 
     def blocks(self, rows: np.ndarray | None = None) -> Iterator[sp.csr_matrix]:
         """X[rows] (all rows when None) as consecutive CSR blocks of about ``_BLOCK`` stored values."""
@@ -206,6 +196,11 @@ class StoreMatrix:
                 yield self._data.take(slice(int(self.indptr[r[0]]), int(self.indptr[r[-1] + 1])))
             else:
                 yield self._data.take(self._elements(r)[1])
+
+
+def rows_per_block(nnz: int, n_rows: int) -> int:
+    """Rows per block of about ``_BLOCK`` stored values, for a matrix of ``nnz`` values in ``n_rows`` rows."""
+    return max(1, _BLOCK // max(1, math.ceil(nnz / max(n_rows, 1))))
 
 
 class CellStore:
@@ -324,206 +319,3 @@ def row_mean(X, rows: np.ndarray) -> np.ndarray:
     for blk in X.blocks(np.asarray(rows, dtype=np.int64)):
         total += np.bincount(blk.indices, weights=blk.data, minlength=X.shape[1])
     return (total / max(len(rows), 1)).astype(np.float32)
-
-
-# -- writing ---------------------------------------------------------------------------------------------------
-def write_store(adata: AnnData, path: str | Path) -> CellStore:
-    """Write a preprocessed in-memory AnnData as a store: cells sorted stably by condition, atomically."""
-    keys = DataKeys.from_dict(get_record(adata)["keys"])
-    X = as_csr(adata.X)
-    order = np.argsort(_group_codes(adata.obs, keys)[0], kind="stable")
-    step = max(1, _BLOCK // max(1, math.ceil(X.nnz / max(adata.n_obs, 1))))
-    blocks = (X[order[a : a + step]] for a in range(0, adata.n_obs, step))
-    return _write_store(Path(path), adata.obs.iloc[order], adata.var, dict(adata.uns), blocks, X.nnz)
-
-
-def _group_codes(obs: pd.DataFrame, keys: DataKeys) -> tuple[np.ndarray, pd.DataFrame]:
-    """Per-cell condition code [N] and the labels of each code present (context columns, perturbation)."""
-    code, conds = condition_codes(SimpleNamespace(obs=obs, n_obs=len(obs)), keys)
-    table = pd.DataFrame({col: [c[0][j] for c in conds] for j, col in enumerate(keys.context_keys)})
-    table[keys.pert_key] = [c[1] for c in conds]
-    return code, table
-
-
-def _groups(obs: pd.DataFrame, keys: DataKeys) -> pd.DataFrame:
-    """The group index: each condition's labels and rows [start, end) (ValueError if they are not contiguous)."""
-    code, table = _group_codes(obs, keys)
-    starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]]) if len(code) else np.zeros(0, np.int64)
-    if len(starts) != len(table):
-        raise ValueError("the cells are not grouped by condition")
-    out = table.iloc[code[starts]].reset_index(drop=True)
-    out["start"], out["end"] = starts.astype(int), np.r_[starts[1:], len(code)].astype(int)
-    return out
-
-
-def _write_store(path: Path, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
-                 blocks: Iterable[sp.spmatrix], nnz: int) -> CellStore:
-    """Write grouped cells (obs in store order, X as CSR blocks in that order) as a store, atomically."""
-    keys = DataKeys.from_dict(get_record(SimpleNamespace(uns=uns))["keys"])
-    groups = _groups(obs, keys)
-    meta = {"format": FORMAT, "version": VERSION, "n_obs": len(obs), "n_vars": len(var), "nnz": int(nnz),
-            "file": CELLS, "sorted_by": "condition", "perturbdiff": __version__,
-            "groups": {c: [None if pd.isna(v) else v for v in groups[c].tolist()] for c in groups.columns}}
-    with _staging(path) as tmp:
-        _write_h5(tmp / CELLS, obs, var, uns, blocks, int(nnz))
-        (tmp / MARKER).write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        for name in (CELLS, MARKER):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-    logger.info("wrote store %s: %d cells x %d genes, %d groups", path, len(obs), len(var), len(groups))
-    return open_store(path)
-
-
-def _write_h5(file: Path, obs, var, uns, blocks: Iterable[sp.spmatrix], nnz: int) -> None:
-    """obs / var / uns through anndata, then X as CSR in contiguous page-aligned datasets, filled block by block."""
-    AnnData(obs=obs, var=var, uns=uns).write_h5ad(file)
-    n = len(obs)
-    with h5py.File(file, "r+", alignment_threshold=1, alignment_interval=_ALIGN) as f:
-        g = f.create_group("X")
-        g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": (n, len(var))})
-        data = g.create_dataset("data", (nnz,), np.float32)
-        indices = g.create_dataset("indices", (nnz,), np.int32)
-        indptr = np.zeros(n + 1, np.int64)
-        r = e = 0
-        for blk in blocks:
-            blk = sp.csr_matrix(blk, dtype=np.float32)
-            blk.sort_indices()
-            k, m = blk.nnz, blk.shape[0]
-            if r + m > n or e + k > nnz:
-                raise ValueError("the blocks hold more cells or values than announced")
-            if k:
-                data[e : e + k], indices[e : e + k] = blk.data, blk.indices
-            indptr[r + 1 : r + 1 + m] = e + blk.indptr[1:]
-            r, e = r + m, e + k
-        if (r, e) != (n, nnz):
-            raise ValueError(f"the blocks hold {r} cells and {e} values, announced {n} and {nnz}")
-        g.create_dataset("indptr", data=indptr)
-
-
-@contextmanager
-def _staging(path: Path) -> Iterator[Path]:
-    """A temporary directory beside ``path`` that replaces it on success and is removed on any failure."""
-    if path.exists() and not is_store(path):
-        raise DataError(f"{path} exists and is not a perturbdiff store (no {MARKER}); refusing to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())
-        yield tmp
-        old = tmp.with_suffix(".old") if path.exists() else None
-        if old is not None:
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# -- preprocessing data larger than memory -------------------------------------------------------------------------
-def preprocess_store(adata: AnnData, path: str | Path, keys: DataKeys, *, n_hvg: int = 2000,
-                     train_mask: np.ndarray | None = None, var_names: Sequence[str] | None = None,
-                     target_sum: float = 1e4, chunk_cells: int = 20_000) -> CellStore:
-    """:func:`preprocess` for data larger than memory (``adata`` may be backed), written as a store.
-
-    Same transform and genes as ``preprocess``: X is read in chunks of ``chunk_cells`` cells, once for the HVG
-    moments (exact float64 sums over all training cells; recorded as ``gene_selection["moments"] = "chunked"``)
-    and once to transform into a temporary file beside ``path``; the cells are then written sorted by condition.
-    """
-    if chunk_cells < 1:
-        raise DataError(f"chunk_cells must be >= 1, got {chunk_cells}")
-    if int(n_hvg) < 1:
-        raise DataError(f"n_hvg must be at least 1, got {n_hvg}")
-    path = Path(path)
-    if path.exists() and not is_store(path):
-        raise DataError(f"{path} exists and is not a perturbdiff store (no {MARKER}); refusing to replace it")
-    register(adata, keys)
-    genes, selection = _choose_genes(adata, keys, n_hvg, train_mask, var_names, target_sum, chunk_cells)
-    record = make_record(keys, genes, selection, target_sum)
-    obs = clean_obs(adata.obs, keys.columns)
-    order = np.argsort(_group_codes(obs, keys)[0], kind="stable")
-    uns = {"perturbdiff": {"record": json.dumps(record)}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".work") as work:
-        cols = adata.var_names.get_indexer(genes)
-        X = _spill(Path(work), adata, keys.input_kind, target_sum, cols, chunk_cells)
-        return _write_store(path, obs.iloc[order], pd.DataFrame(index=pd.Index(genes)), uns, X.blocks(order),
-                            X.nnz)
-
-
-def _log1p_chunks(adata, kind: str, target_sum: float, chunk: int, mask: np.ndarray | None = None):
-    """(first row, log1p CSR of rows [a, a + chunk)) over X; row-local, so equal to transforming X whole."""
-    for a in range(0, adata.n_obs, chunk):
-        if mask is None or mask[a : a + chunk].any():
-            yield a, to_log1p(adata.X[a : a + chunk], kind, target_sum)
-
-
-def _spill(work: Path, adata, kind: str, target_sum: float, cols: np.ndarray, chunk: int) -> StoreMatrix:
-    """Transform X chunk by chunk, keep columns ``cols``, append to raw files in ``work``; read back lazily."""
-    lens = [np.zeros(1, np.int64)]
-    with open(work / "data", "wb") as fd, open(work / "indices", "wb") as fi:
-        for _, blk in _log1p_chunks(adata, kind, target_sum, chunk):
-            sub = sp.csr_matrix(blk[:, cols])
-            sub.sort_indices()
-            sub.data.astype("<f4").tofile(fd)
-            sub.indices.astype("<i4").tofile(fi)
-            lens.append(np.diff(sub.indptr))
-    indptr = np.cumsum(np.concatenate(lens))
-    nnz = int(indptr[-1])
-    return StoreMatrix(_Flat(str(work / "data"), 0, "<f4", nnz), _Flat(str(work / "indices"), 0, "<i4", nnz),
-                       indptr, (adata.n_obs, len(cols)))
-
-
-def _choose_genes(adata, keys: DataKeys, n_hvg: int, train_mask, var_names, target_sum: float,
-                  chunk: int) -> tuple[list[str], dict[str, Any]]:
-    """Genes and the record's gene_selection: given names, or the top seurat HVGs of the training cells."""
-    if var_names is not None:
-        genes = given_genes(adata.var_names, var_names)
-        return genes, {"method": "given", "n_top": len(genes), "flavor": None, "n_train_cells": None}
-    mask = hvg_cell_mask(train_mask, adata.n_obs)
-    if n_hvg >= adata.n_vars:
-        genes = [str(g) for g in adata.var_names]
-    else:
-        mean, var = _moments(adata, keys.input_kind, target_sum, mask, chunk)
-        genes = _seurat_hvg(mean, var, adata.var_names, n_hvg)
-    selection = {"method": "hvg" if n_hvg < adata.n_vars else "all", "n_top": len(genes), "flavor": HVG_FLAVOR,
-                 "n_train_cells": int(mask.sum())}
-    if n_hvg < adata.n_vars:
-        selection["moments"] = "chunked"  # over all training cells, chunk by chunk (not a subsample)
-    return genes, selection
-
-
-def _moments(adata, kind: str, target_sum: float, mask: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-gene mean and unbiased variance of expm1(log1p X) over the ``mask`` cells (scanpy's seurat input)."""
-    G = adata.n_vars
-    s1, s2 = np.zeros(G), np.zeros(G)
-    for a, blk in _log1p_chunks(adata, kind, target_sum, chunk, mask):
-        m = mask[a : a + blk.shape[0]]
-        sub = blk if m.all() else blk[np.flatnonzero(m)]
-        v = np.expm1(sub.data).astype(np.float64)
-        s1 += np.bincount(sub.indices, weights=v, minlength=G)
-        s2 += np.bincount(sub.indices, weights=v * v, minlength=G)
-    n = int(mask.sum())
-    mean = s1 / n
-    var = (s2 / n - mean**2) * (n / (n - 1) if n > 1 else 1.0)
-    return mean, var
-
-
-def _seurat_hvg(mean: np.ndarray, var: np.ndarray, var_names: pd.Index, n_top: int) -> list[str]:
-    """Top ``n_top`` genes by seurat-flavour normalised dispersion (scanpy's rule; ties as in preprocess)."""
-    mean = np.where(mean == 0, 1e-12, mean)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        disp = var / mean
-        disp[disp == 0] = np.nan
-        disp = np.log(disp)
-    df = pd.DataFrame({"dispersions": disp, "mean_bin": pd.cut(np.log1p(mean), bins=20)})
-    stats = df.groupby("mean_bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
-    one = stats["dev"].isnull()  # a bin holding one gene: normalised dispersion 1
-    stats.loc[one, "dev"], stats.loc[one, "avg"] = stats.loc[one, "avg"], 0.0
-    per_gene = stats.loc[df["mean_bin"]]
-    norm = (disp - per_gene["avg"].to_numpy()) / per_gene["dev"].to_numpy()
-    finite = np.sort(norm[~np.isnan(norm)])[::-1]
-    hv = np.nan_to_num(norm, nan=-np.inf) >= finite[min(n_top, finite.size) - 1]
-    d32 = np.nan_to_num(norm.astype(np.float32), nan=-np.inf)  # ties: float32 dispersions, as scanpy stores them
-    return top_genes(hv, d32, n_top, var_names)
