@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
 from perturbdiff._errors import DataError
 from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
+from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import make_pair
 
 KEY_COLS = ["context", "perturbation"]
@@ -50,10 +50,7 @@ NOT_SCORES = {"de_nsig_counts_real", "de_nsig_counts_pred"}  # counts: no best v
 def _pseudobulks(adata: AnnData, groups: pd.Series) -> tuple[pd.Index, np.ndarray]:
     """Mean row per group label: (labels, (K, G))."""
     codes, labels = pd.factorize(groups, sort=True)
-    ind = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(labels), len(codes)))
-    sums = ind @ adata.X
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return pd.Index(labels), sums / np.bincount(codes)[:, None]
+    return pd.Index(labels), group_means(adata.X, codes, len(labels))
 
 
 def pseudobulk_r2(pred: AnnData, real: AnnData, *, pert_col: str, control: str, context_col: str) -> pd.DataFrame:

@@ -22,6 +22,7 @@ from anndata import AnnData
 from matplotlib.figure import Figure
 
 from perturbdiff._io import atomic_write, atomic_write_text
+from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import SAMPLE_COL
 from perturbdiff.evaluate._metrics import HEADLINE, KEY_COLS, LOWER_IS_BETTER, NOT_SCORES, _short
 
@@ -34,7 +35,10 @@ def _dense(X) -> np.ndarray:
 
 
 def _mean(adata: AnnData, mask: np.ndarray) -> np.ndarray:
-    return _dense(adata.X[np.flatnonzero(mask)]).mean(axis=0)
+    """Mean row of the cells in ``mask`` (float64; NaN when there are none)."""
+    if not mask.any():
+        return np.full(adata.n_vars, np.nan)
+    return group_means(adata.X, np.where(mask, 0, -1), 1)[0]
 
 
 def _cond_mask(adata: AnnData, ctx: str, pert: str, pert_col: str, context_col: str) -> np.ndarray:
