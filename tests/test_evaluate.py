@@ -10,8 +10,18 @@ from anndata import AnnData
 
 from perturbdiff._errors import DataError
 from perturbdiff.data import Split
-from perturbdiff.evaluate import build_real, evaluate, make_pair, pseudobulk_r2, write_report
+from perturbdiff.evaluate import (
+    METRICS,
+    build_real,
+    evaluate,
+    format_table,
+    make_pair,
+    metric,
+    pseudobulk_r2,
+    write_report,
+)
 from perturbdiff.evaluate._layout import select_sample
+from perturbdiff.evaluate._registry import headline, is_score, label, lower_is_better, scatter_metrics
 
 PERT, CTX, CTRL = "perturbation", "cell_type", "control"
 
@@ -197,3 +207,52 @@ def test_select_sample_ignores_the_carried_control_cells():
     pred = AnnData(X=np.zeros((6, 2), np.float32), obs=obs)
     kept = select_sample(pred)
     assert kept.obs["sample"].tolist() == [0, 0, -1, -1]
+
+
+def test_registry_holds_the_metric_lists_and_agrees_with_cell_eval():
+    from cell_eval import metrics_registry
+    from cell_eval._types import MetricBestValue
+
+    assert headline() == ["overlap_at_N", "precision_at_N", "de_direction_match", "de_spearman_lfc_sig", "pr_auc",
+                          "roc_auc", "pearson_delta", "mse", "mae", "discrimination_score_l1",
+                          "discrimination_score_l2", "discrimination_score_cosine", "r2"]  # fmt: skip
+    assert scatter_metrics() == ["pearson_delta", "r2", "pr_auc", "overlap_at_N", "mse", "discrimination_score_l1"]
+    assert {m for m in METRICS if lower_is_better(m)} == {"mse", "mae", "mse_delta", "mae_delta", "energy_distance"}
+    assert {m for m in METRICS if not is_score(m)} == {"de_nsig_counts_real", "de_nsig_counts_pred"}
+    assert is_score("some_new_metric") and not lower_is_better("some_new_metric")
+    assert [label(m) for m in ("discrimination_score_l2", "de_spearman_lfc_sig", "pearson_delta", "mse")] == [
+        "pds_l2", "lfc_rho", "pearson_Δ", "mse"]  # fmt: skip
+    best = {MetricBestValue.ONE: "higher", MetricBestValue.ZERO: "lower", MetricBestValue.NONE: None}
+    known = set(metrics_registry.list_metrics())
+    for m in METRICS.values():
+        name = m.name.removesuffix("_real").removesuffix("_pred")
+        assert m.cell_eval == (name in known), m.name
+        if m.cell_eval:
+            assert best[metrics_registry.get_metric(name).best_value] == m.best, m.name
+    assert known <= {m.removesuffix("_real") for m in METRICS}  # every cell-eval metric is registered
+    table = pd.DataFrame({"pearson_delta": [0.5], "mse": [np.nan]}, index=["model"])
+    assert format_table(table).splitlines()[0].split() == ["pearson_Δ", "mse"]
+    with pytest.raises(KeyError, match="known: overlap_at_N"):
+        metric("nope")
+
+
+def test_pearson_delta_is_the_validators_formula():
+    """Same floats as the training validator's private formula (read from _model.py's source while it has one)."""
+    import ast
+    import math
+    from pathlib import Path
+
+    compute = metric("pearson_delta").compute
+    rng = np.random.default_rng(0)
+    pred, real, ctrl = rng.normal(size=(3, 40)), rng.normal(size=(3, 40)).astype(np.float32), rng.normal(size=40)
+    assert compute(pred[0], real[0], ctrl) == pytest.approx(np.corrcoef(pred[0] - ctrl, real[0] - ctrl)[0, 1])
+    assert np.isnan(compute(ctrl, real[0], ctrl))  # no predicted shift: r undefined
+    source = (Path(__file__).resolve().parents[1] / "src" / "perturbdiff" / "_model.py").read_text()
+    found = [n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "_pearson"]
+    if not found:
+        pytest.skip("the validator has no private formula any more")
+    space = {"math": math, "np": np}
+    exec(ast.get_source_segment(source, found[0]), space)
+    for p, r in zip(pred, real):
+        for c in (ctrl, ctrl.astype(np.float32)):
+            assert compute(p, r, c) == space["_pearson"](p - c, r - c)

@@ -2,29 +2,33 @@
 
 ``build_real(adata_prep, split)`` gives the real side; ``evaluate(pred, real, ...)`` scores one prediction;
 ``evaluate_predictions({name: pred}, real, ...)`` scores several (model and baselines);
-``write_report`` draws the figures and the HTML page.
+``write_report`` draws the figures and the HTML page. ``METRICS`` / ``metric(name)`` describe every metric.
 """
 
 from perturbdiff.evaluate._layout import build_real, context_column, make_pair
 from perturbdiff.evaluate._metrics import (
-    HEADLINE,
     aggregate_metrics,
     evaluate,
     evaluate_predictions,
     format_table,
     pseudobulk_r2,
 )
+from perturbdiff.evaluate._registry import METRICS, Metric, headline, lower_is_better, metric
 from perturbdiff.evaluate._report import write_report
 
 __all__ = [
-    "HEADLINE",
+    "METRICS",
+    "Metric",
     "aggregate_metrics",
     "build_real",
     "context_column",
     "evaluate",
     "evaluate_predictions",
     "format_table",
+    "headline",
+    "lower_is_better",
     "make_pair",
+    "metric",
     "pseudobulk_r2",
     "write_report",
 ]

@@ -25,26 +25,9 @@ from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
 from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import make_pair
+from perturbdiff.evaluate._registry import METRICS, headline, label
 
 KEY_COLS = ["context", "perturbation"]
-# the columns of the short table the CLI prints (cell-eval names + r2)
-HEADLINE = [
-    "overlap_at_N",
-    "precision_at_N",
-    "de_direction_match",
-    "de_spearman_lfc_sig",
-    "pr_auc",
-    "roc_auc",
-    "pearson_delta",
-    "mse",
-    "mae",
-    "discrimination_score_l1",
-    "discrimination_score_l2",
-    "discrimination_score_cosine",
-    "r2",
-]
-LOWER_IS_BETTER = {"mse", "mae", "mse_delta", "mae_delta"}
-NOT_SCORES = {"de_nsig_counts_real", "de_nsig_counts_pred"}  # counts: no best value
 
 
 def _pseudobulks(adata: AnnData, groups: pd.Series) -> tuple[pd.Index, np.ndarray]:
@@ -161,7 +144,8 @@ def evaluate(
     per_cond = _cell_eval_by_context(pred_full, real, context_col, de_cache, **kw)
     r2 = pseudobulk_r2(pred_full, real, pert_col=pert_col, control=control, context_col=context_col)
     if profile == "full":  # a DE metric with no row at all (no real DE gene anywhere) is still a column: NaN
-        per_cond = per_cond.reindex(columns=[*per_cond.columns, *(m for m in HEADLINE[:-1] if m not in per_cond)])
+        cell_eval = [m for m in headline() if METRICS[m].cell_eval and m not in per_cond]
+        per_cond = per_cond.reindex(columns=[*per_cond.columns, *cell_eval])
     per_cond = per_cond.merge(r2, on=KEY_COLS, how="left")
     aggregate = aggregate_metrics(per_cond)
     if outdir is not None:
@@ -244,17 +228,8 @@ def write_tables(per_condition: pd.DataFrame, aggregate: pd.DataFrame, outdir: s
 
 def format_table(table: pd.DataFrame, columns: list[str] | None = None, digits: int = 3) -> str:
     """Plain-text table of contenders x metrics; NaN shown as —."""
-    cols = [c for c in (columns or HEADLINE) if c in table.columns]
+    cols = [c for c in (columns or headline()) if c in table.columns]
     shown = table[cols].apply(pd.to_numeric, errors="coerce")
     text = shown.map(lambda v: "—" if pd.isna(v) else f"{v:.{digits}f}")
-    text.columns = [_short(c) for c in cols]
+    text.columns = [label(c) for c in cols]
     return text.to_string()
-
-
-def _short(name: str) -> str:
-    return (
-        name.replace("discrimination_score_", "pds_")
-        .replace("de_spearman_lfc_sig", "lfc_rho")
-        .replace("de_direction_match", "dir")
-        .replace("pearson_delta", "pearson_Δ")
-    )

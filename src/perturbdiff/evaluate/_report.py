@@ -24,9 +24,9 @@ from matplotlib.figure import Figure
 from perturbdiff._io import atomic_write, atomic_write_text
 from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import SAMPLE_COL
-from perturbdiff.evaluate._metrics import HEADLINE, KEY_COLS, LOWER_IS_BETTER, NOT_SCORES, _short
+from perturbdiff.evaluate._metrics import KEY_COLS
+from perturbdiff.evaluate._registry import headline, is_score, label, lower_is_better, scatter_metrics
 
-SCATTER_METRICS = ["pearson_delta", "r2", "pr_auc", "overlap_at_N", "mse", "discrimination_score_l1"]
 MODEL_COLOR, BASE_COLOR, REAL_COLOR, CTRL_COLOR = "#d62728", "#7f7f7f", "#1f77b4", "#bbbbbb"
 
 
@@ -41,6 +41,10 @@ def _mean(adata: AnnData, mask: np.ndarray) -> np.ndarray:
     return group_means(adata.X, np.where(mask, 0, -1), 1)[0]
 
 
+def _title(metric: str) -> str:
+    return label(metric) + (" (lower better)" if lower_is_better(metric) else "")
+
+
 def _cond_mask(adata: AnnData, ctx: str, pert: str, pert_col: str, context_col: str) -> np.ndarray:
     return ((adata.obs[context_col].astype(str) == ctx) & (adata.obs[pert_col].astype(str) == pert)).to_numpy()
 
@@ -50,12 +54,12 @@ def best_baseline(table: pd.DataFrame, metric: str, baselines: list[str]) -> str
     vals = pd.to_numeric(table.loc[baselines, metric], errors="coerce").dropna() if baselines else pd.Series()
     if vals.empty:
         return None
-    return str(vals.idxmin() if metric in LOWER_IS_BETTER else vals.idxmax())
+    return str(vals.idxmin() if lower_is_better(metric) else vals.idxmax())
 
 
 def fig_metric_bars(table: pd.DataFrame, model: str | None) -> Figure | None:
     """One panel per headline metric: a bar per contender (model in red)."""
-    metrics = [m for m in HEADLINE if m in table.columns and table[m].notna().any()]
+    metrics = [m for m in headline() if m in table.columns and table[m].notna().any()]
     if not metrics:
         return None
     ncol = 4
@@ -68,14 +72,14 @@ def fig_metric_bars(table: pd.DataFrame, model: str | None) -> Figure | None:
         vals = pd.to_numeric(table[m], errors="coerce").to_numpy()
         ax.bar(range(len(names)), np.nan_to_num(vals), color=colors)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_title(_short(m) + (" (lower better)" if m in LOWER_IS_BETTER else ""), fontsize=9)
+        ax.set_title(_title(m), fontsize=9)
     return fig
 
 
 def fig_scatter(per: dict[str, pd.DataFrame], table: pd.DataFrame, model: str, baselines: list[str]) -> Figure | None:
     """Per condition: model (y) vs the best baseline of each metric (x); above y = x favours the model."""
     panels = []
-    for m in SCATTER_METRICS:
+    for m in scatter_metrics():
         b = best_baseline(table, m, baselines) if m in table.columns else None
         if b is None or m not in per[model].columns:
             continue
@@ -93,7 +97,7 @@ def fig_scatter(per: dict[str, pd.DataFrame], table: pd.DataFrame, model: str, b
         ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--")
         ax.set_xlabel(f"{b} (best baseline)", fontsize=8)
         ax.set_ylabel(model, fontsize=8)
-        ax.set_title(_short(m) + (" (lower better)" if m in LOWER_IS_BETTER else ""), fontsize=9)
+        ax.set_title(_title(m), fontsize=9)
     return fig
 
 
@@ -228,7 +232,7 @@ def _html_table(table: pd.DataFrame, columns: list[str], highlight: bool) -> str
     """HTML table, NaN as —, the best contender of each metric in bold (unless all tie)."""
     cols = [c for c in columns if c in table.columns]
     num = table[cols].apply(pd.to_numeric, errors="coerce")
-    head = "".join(f"<th>{html.escape(_short(c))}</th>" for c in cols)
+    head = "".join(f"<th>{html.escape(label(c))}</th>" for c in cols)
     body = []
     for name, row in num.iterrows():
         cells = []
@@ -236,9 +240,9 @@ def _html_table(table: pd.DataFrame, columns: list[str], highlight: bool) -> str
             v = row[c]
             best = (
                 highlight
-                and c not in NOT_SCORES
+                and is_score(c)
                 and num[c].nunique() > 1
-                and v == (num[c].min() if c in LOWER_IS_BETTER else num[c].max())
+                and v == (num[c].min() if lower_is_better(c) else num[c].max())
             )
             text = "—" if pd.isna(v) else f"{v:.3f}"
             cells.append(f"<td>{'<b>' + text + '</b>' if best else text}</td>")
@@ -318,7 +322,7 @@ def _write_html(out, title, results, per_condition, model, figs, spread) -> Path
         f"<h1>{html.escape(title)}</h1><p>{stamp}. Metrics from cell-eval (names as cell-eval gives them) "
         "plus r2; mean over conditions; — = undefined.</p>",
         "<h2>Summary</h2>",
-        _html_table(results, HEADLINE, True),
+        _html_table(results, headline(), True),
         "<details><summary>All metrics</summary>",
         _html_table(results, list(results.columns), True),
         "</details>",
@@ -332,7 +336,7 @@ def _write_html(out, title, results, per_condition, model, figs, spread) -> Path
     if per_condition and model in per_condition:
         per = per_condition[model].set_index(KEY_COLS)
         per.index = [f"{c} / {p}" for c, p in per.index]
-        parts += [f"<h2>Per condition: {html.escape(model)}</h2>", _html_table(per, HEADLINE, False)]
+        parts += [f"<h2>Per condition: {html.escape(model)}</h2>", _html_table(per, headline(), False)]
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
