@@ -33,9 +33,7 @@ def load_inputs(data_path: str, split_path: str):
     """(adata restricted to the split's genes, split, keys from the preprocessing record)."""
     import anndata as ad
 
-    from perturbdiff.data import get_record
-    from perturbdiff.data._keys import DataKeys
-    from perturbdiff.data._split import Split
+    from perturbdiff.data import DataKeys, Split, get_record
 
     split = Split.read(split_path)
     if not Path(data_path).exists():

@@ -15,8 +15,10 @@ from anndata import AnnData
 
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
-from perturbdiff.data._keys import DataKeys
-from perturbdiff.data._split import Split, condition_codes, labels
+from perturbdiff.data import DataKeys, Split
+
+# not yet on perturbdiff.data's public face (its _WHERE): import from there once they are
+from perturbdiff.data._split import condition_codes, labels
 from perturbdiff.data._validate import value_stats
 
 SAMPLE_COL = "sample"  # obs column of predictions that hold several sampled response distributions
