@@ -1,8 +1,9 @@
-"""Evaluation (SPEC §6): the cell-eval layout, cell-eval metrics + R², and an HTML report.
+"""Evaluation (SPEC §6): the cell-eval layout, cell-eval metrics + R², an HTML report, and response summaries.
 
 ``build_real(adata_prep, split)`` gives the real side; ``evaluate(pred, real, ...)`` scores one prediction;
 ``evaluate_predictions({name: pred}, real, ...)`` scores several (model and baselines);
 ``write_report`` draws the figures and the HTML page. ``METRICS`` / ``metric(name)`` describe every metric.
+``log2_fold_changes``, ``pseudobulk_of`` and ``collapse_diagnostic`` summarise a prediction of responses.
 """
 
 from perturbdiff.evaluate._layout import build_real, context_column, make_pair
@@ -15,20 +16,24 @@ from perturbdiff.evaluate._metrics import (
 )
 from perturbdiff.evaluate._registry import METRICS, Metric, headline, lower_is_better, metric
 from perturbdiff.evaluate._report import write_report
+from perturbdiff.evaluate._response import collapse_diagnostic, log2_fold_changes, pseudobulk_of
 
 __all__ = [
     "METRICS",
     "Metric",
     "aggregate_metrics",
     "build_real",
+    "collapse_diagnostic",
     "context_column",
     "evaluate",
     "evaluate_predictions",
     "format_table",
     "headline",
+    "log2_fold_changes",
     "lower_is_better",
     "make_pair",
     "metric",
+    "pseudobulk_of",
     "pseudobulk_r2",
     "write_report",
 ]
