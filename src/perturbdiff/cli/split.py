@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from perturbdiff._errors import ConfigError, DataError
-from perturbdiff.data._keys import STRATEGIES, DataKeys
+from perturbdiff.data import STRATEGIES, DataKeys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -95,8 +95,7 @@ def _read(path: str, args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from perturbdiff.data._split import make_split
-    from perturbdiff.data._validate import check_obs
+    from perturbdiff.data import check_obs, make_split
 
     adata, record, keys = _read(args.data, args)
     try:

@@ -9,7 +9,7 @@ _WHERE = {
     "DataKeys": "_keys", "STRATEGIES": "_keys",
     "apply_record": "_preprocess", "get_record": "_preprocess", "preprocess": "_preprocess",
     "CellSetDataset": "_sets", "CellSetIndex": "_sets", "make_loader": "_sets",
-    "Condition": "_split", "Split": "_split", "condition_labels": "_split", "make_split": "_split",
+    "Condition": "_split", "Split": "_split", "condition_labels": "_split", "make_split": "_strategies",
     "CellStore": "_store", "StoreMatrix": "_store", "MARKER": "_store", "is_store": "_store", "open_store": "_store",
     "nonzero_stats": "_store", "row_mean": "_store",
     "write_store": "_store_write", "write_store_blocks": "_store_write",
@@ -18,6 +18,8 @@ _WHERE = {
     "as_csr": "_matrix", "row_reader": "_matrix", "group_means": "_matrix",
     "register": "_validate",
     "Covariates": "_vocab", "Vocab": "_vocab",
+    "Context": "_split", "pert_parts": "_split", "condition_codes": "_split", "obs_codes": "_split",
+    "training_mask": "_split", "labels": "_split", "check_obs": "_validate",
 }
 
 __all__ = list(_WHERE)

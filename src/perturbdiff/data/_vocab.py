@@ -12,16 +12,11 @@ import pandas as pd
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data._keys import DataKeys
-from perturbdiff.data._split import Condition, obs_codes
+from perturbdiff.data._split import Condition, obs_codes, pert_parts
 from perturbdiff.data._split import labels as cond_labels
 
 PAD, UNKNOWN, NONE = "<pad>", "<unknown>", "<none>"
 GENERIC = 2  # pert index of <unknown>: a generic perturbation, trained by perturbation dropout
-
-
-def pert_parts(label: str) -> list[str]:
-    """The parts of a perturbation label: ``"A+B"`` -> ``["A", "B"]``."""
-    return [p for p in label.split("+") if p]
 
 
 def _observed(adata, col: str) -> list[str]:
