@@ -12,14 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from perturbdiff import Config, PerturbDiff
+from perturbdiff import Config, PerturbDiff, Pretrained, finetune
 from perturbdiff.data import DataKeys, make_split, marginal_source, preprocess
 from perturbdiff.datasets import simulate
-
-try:
-    from perturbdiff import Pretrained, finetune
-except ImportError:  # the code before the redesign
-    from perturbdiff._pretrain import Pretrained, finetune
 
 SETTINGS = {"model.hidden": 32, "model.depth": 1, "model.heads": 2, "model.cov_dim": 16, "data.set_size": 16,
             "data.batch_sets": 4, "train.max_steps": 12, "train.val_every": 6, "train.warmup_steps": 3,

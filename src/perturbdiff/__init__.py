@@ -1,23 +1,20 @@
-"""PerturbDiff: diffusion over sets of cells to predict single-cell perturbation responses."""
+"""PerturbDiff: diffusion over sets of cells to predict single-cell perturbation responses.
+
+The public API. Nothing inside the package imports this module; the model objects (and torch) are imported only
+when first used, so light commands start fast.
+"""
 
 from perturbdiff._errors import CheckpointError, ConfigError, DataError, OutputError, PerturbDiffError
+from perturbdiff._lazy import lazy_names
 from perturbdiff._version import __version__
 from perturbdiff.config import Config
 
-__all__ = [
-    "PerturbDiff", "Config", "log2_fold_changes", "collapse_diagnostic", "pseudobulk_of",
-    "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "OutputError", "__version__",
-]
+_WHERE = {
+    "PerturbDiff": "model", "Pretrained": "model", "finetune": "model", "load_run": "model",
+    "log2_fold_changes": "evaluate", "collapse_diagnostic": "evaluate", "pseudobulk_of": "evaluate",
+}
 
+__all__ = [*_WHERE, "Config", "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "OutputError",
+           "__version__"]
 
-def __getattr__(name: str):
-    """Import the model (and torch) only when it is used, so light commands start fast."""
-    if name == "PerturbDiff":
-        from perturbdiff._model import PerturbDiff
-
-        return PerturbDiff
-    if name in ("log2_fold_changes", "collapse_diagnostic", "pseudobulk_of"):
-        from perturbdiff import _apply
-
-        return getattr(_apply, name)
-    raise AttributeError(f"module 'perturbdiff' has no attribute {name!r}")
+__getattr__ = lazy_names("perturbdiff", _WHERE, globals())

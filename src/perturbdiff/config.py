@@ -21,6 +21,13 @@ else:  # pragma: no cover
 from perturbdiff._errors import ConfigError
 
 SAMPLER_STARTS = ("full", "truncated")
+PROCESS_KINDS = ("vp",)  # perturbdiff.diffusion.PROCESSES
+CODEC_KINDS = ("scale",)  # perturbdiff.data.CODECS
+#: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
+RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
+           "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
+           "diffusion.guidance": "sample.guidance", "diffusion.zero_threshold": "codec.zero_threshold",
+           "diffusion.auto_zero": "codec.auto_zero"}
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -42,9 +49,6 @@ class ModelConfig:
     cov_dim: int = 128  # per-covariate embedding width before the covariate MLP
     qk_norm: bool = True
     context_dropout: float = 0.1  # replace context labels by <unknown> so unseen contexts have a trained token
-    # add the control set's mean profile to the output (predict a residual): on kang_celltype at 1,000 steps it raised
-    # pearson_delta 0.44 -> 0.55, R² 0.62 -> 0.72, pr_auc 0.29 -> 0.36 (docs/BENCHMARKS.md)
-    control_skip: bool = True
     batch_dropout: float = 0.1  # the same for batches, so cells of an unseen batch get a trained <unknown> token
     pert_dropout: float = 0.05  # replace perturbation parts by a generic token: an explicit fallback for unseen ones
     pert_embedding: str = ""  # optional frozen embedding table (TSV/CSV/NPZ keyed by label) for unseen labels
@@ -52,9 +56,15 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
+    """The generative process and its training objective: kind, schedule, output form, set losses, conditioning."""
+
+    process: str = "vp"  # the process kind (perturbdiff.diffusion.PROCESSES): "vp" = VP diffusion with DDIM
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
+    # add the control set's mean profile to the output (predict a residual): on kang_celltype at 1,000 steps it raised
+    # pearson_delta 0.44 -> 0.55, R² 0.62 -> 0.72, pr_auc 0.29 -> 0.36 (docs/BENCHMARKS.md)
+    control_skip: bool = True
     ed_weight: float = 1.0  # λ of the energy-distance term (SPEC §3; §8: essential)
     # weight of a set-mean (pseudobulk) error term (SPEC §8: responses came out too small). On kang_celltype, 2 seeds:
     # pearson_delta 0.715 ± 0.129 -> 0.776 ± 0.004, pr_auc 0.451 -> 0.482 (docs/BENCHMARKS.md)
@@ -64,14 +74,27 @@ class DiffusionConfig:
     # branch needs far less training signal: 0.1 keeps it usable for guidance while conditioning trains 90 % of sets.
     p_uncond: float = 0.1
     p_drop_control: float = 0.0  # 1.0 for marginal pretraining
-    # "full": DDIM from t=T-1 in `sampler_steps` respaced steps; "truncated": the authors' start at t=99 stepping by 1
+
+
+@dataclass
+class SampleConfig:
+    """How cells are drawn from a trained process (each may be changed per prediction)."""
+
+    # "full": DDIM from t=T-1 in `steps` respaced steps; "truncated": the authors' start at t=99 stepping by 1
     # (100 network evaluations; SPEC §8 found it better at w=0). On four trained runs (kang_celltype, devel_gbm) full
     # DDIM with 25 steps scored as well as the truncated start (pr_auc, pearson_delta, R² within ±0.02) at 1/4 of the
     # evaluations (docs/PERFORMANCE.md, "Fewer sampling steps"), so it is the default.
-    sampler_steps: int = 25
-    sampler_start: str = "full"
+    steps: int = 25
+    start: str = "full"
     truncated_start_t: int = 99
     guidance: float = 0.0  # w in (1+w)·ε_cond − w·ε_uncond; §8: choose on validation
+
+
+@dataclass
+class CodecConfig:
+    """Gene space <-> model space (perturbdiff.data.CODECS): "scale" = log1p / record scale, clipped, zero floor."""
+
+    kind: str = "scale"
     zero_threshold: float = 1e-4  # model-space values below this are set to 0 in outputs
     # also zero values below half the lowest real non-zero level (1st percentile of non-zero training values):
     # generated cells otherwise carry many small values that real cells never have (SPEC §8), which inflates DE calls
@@ -109,6 +132,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "base"
 
@@ -151,6 +176,7 @@ class Config:
         return out
 
     def _set(self, dotted: str, value: Any) -> None:
+        dotted = RENAMED.get(dotted, dotted)  # configs and checkpoints written before the sections were split
         if dotted == "preset":
             self.preset = str(value)
             return
@@ -163,7 +189,7 @@ class Config:
     def validate(self) -> Config:
         """Every value in its range and every choice known (one ConfigError naming the key), before any work."""
         problems = []
-        for sec in (self.data, self.model, self.diffusion, self.train):
+        for sec in (self.data, self.model, self.diffusion, self.sample, self.codec, self.train):
             section = _SECTION_NAMES[type(sec)]
             for f in fields(sec):
                 key, value = f"{section}.{f.name}", getattr(sec, f.name)
@@ -174,8 +200,8 @@ class Config:
             problems.append(f"model.hidden = {self.model.hidden} is not divisible by model.heads = {self.model.heads}")
         if not self.diffusion.beta_start < self.diffusion.beta_end:
             problems.append("diffusion.beta_start must be below diffusion.beta_end")
-        if self.diffusion.truncated_start_t >= self.diffusion.timesteps:
-            problems.append("diffusion.truncated_start_t must be below diffusion.timesteps")
+        if self.sample.truncated_start_t >= self.diffusion.timesteps:
+            problems.append("sample.truncated_start_t must be below diffusion.timesteps")
         if self.preset not in PRESETS:
             problems.append(f"preset {self.preset!r} (choose one of {', '.join(PRESETS)})")
         if problems:
@@ -281,10 +307,12 @@ RULES: dict[str, tuple[Any, str]] = {
     "diffusion.beta_end": (lambda v: 0 < v < 1, "in (0, 1)"), "diffusion.ed_weight": (_nonneg, ">= 0"),
     "diffusion.mean_weight": (_nonneg, ">= 0"), "diffusion.self_cond_prob": (_unit, "in [0, 1]"),
     "diffusion.p_uncond": (_unit, "in [0, 1]"), "diffusion.p_drop_control": (_unit, "in [0, 1]"),
-    "diffusion.sampler_steps": (_pos, "at least 1"),
-    "diffusion.sampler_start": (lambda v: v in SAMPLER_STARTS, f"one of {', '.join(SAMPLER_STARTS)}"),
-    "diffusion.truncated_start_t": (_nonneg, ">= 0"), "diffusion.guidance": (math.isfinite, "a finite number"),
-    "diffusion.zero_threshold": (_nonneg, ">= 0"),
+    "diffusion.process": (lambda v: v in PROCESS_KINDS, f"one of {', '.join(PROCESS_KINDS)}"),
+    "sample.steps": (_pos, "at least 1"),
+    "sample.start": (lambda v: v in SAMPLER_STARTS, f"one of {', '.join(SAMPLER_STARTS)}"),
+    "sample.truncated_start_t": (_nonneg, ">= 0"), "sample.guidance": (math.isfinite, "a finite number"),
+    "codec.kind": (lambda v: v in CODEC_KINDS, f"one of {', '.join(CODEC_KINDS)}"),
+    "codec.zero_threshold": (_nonneg, ">= 0"),
     "train.lr": (_pos, "> 0"), "train.betas": (lambda v: all(0.0 <= b < 1.0 for b in v), "each in [0, 1)"),
     "train.eps": (_pos, "> 0"), "train.weight_decay": (_nonneg, ">= 0"), "train.warmup_steps": (_nonneg, ">= 0"),
     "train.plateau_fraction": (_unit, "in [0, 1]"), "train.min_lr_ratio": (_unit, "in [0, 1]"),
@@ -332,4 +360,5 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_SECTION_NAMES = {DataConfig: "data", ModelConfig: "model", DiffusionConfig: "diffusion", TrainConfig: "train"}
+_SECTION_NAMES = {DataConfig: "data", ModelConfig: "model", DiffusionConfig: "diffusion", SampleConfig: "sample",
+                  CodecConfig: "codec", TrainConfig: "train"}

@@ -12,9 +12,9 @@ import importlib
 import sys
 from pathlib import Path
 
-from perturbdiff import __version__
 from perturbdiff._errors import PerturbDiffError
 from perturbdiff._logging import end_cli_logging, setup_cli_logging
+from perturbdiff._version import __version__
 
 SUBCOMMANDS = {
     "demo": "Run the whole pipeline on built-in synthetic data and write a report.",

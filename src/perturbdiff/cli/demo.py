@@ -34,13 +34,14 @@ class _Steps:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perturbdiff import Config, PerturbDiff
     from perturbdiff._io import atomic_write
     from perturbdiff.baselines import BASELINES
     from perturbdiff.cli.evaluate import run_baselines
+    from perturbdiff.config import Config
     from perturbdiff.data import DataKeys, make_split, preprocess, register
     from perturbdiff.datasets import simulate
     from perturbdiff.evaluate import build_real, context_column, evaluate_predictions, format_table, write_report
+    from perturbdiff.model import PerturbDiff
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,9 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from perturbdiff._logging import logger
-    from perturbdiff._pretrain import Pretrained, finetune
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
+    from perturbdiff.model import Pretrained, finetune
 
     speak_on_rank0()
     pre = Pretrained.load(args.pretrained, which=args.checkpoint)

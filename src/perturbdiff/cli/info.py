@@ -13,8 +13,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perturbdiff import PerturbDiff
-    from perturbdiff._pretrain import Pretrained, is_pretrained_run
+    from perturbdiff.model import PerturbDiff, Pretrained, is_pretrained_run
 
     if is_pretrained_run(args.run, args.checkpoint):
         return _pretrained_info(Pretrained.load(args.run, which=args.checkpoint), args.json)

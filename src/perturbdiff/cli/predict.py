@@ -110,10 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predict_split(args: argparse.Namespace):
-    from perturbdiff import PerturbDiff
-    from perturbdiff._pretrain import is_pretrained_run
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
+    from perturbdiff.model import PerturbDiff, is_pretrained_run
 
     adata = read_h5ad(args.data)
     if is_pretrained_run(args.run, args.checkpoint):
@@ -131,8 +130,8 @@ def _predict_split(args: argparse.Namespace):
 
 def _zero_shot(args: argparse.Namespace, adata):
     """A pretrained run: cells of each condition's context from the marginal, no labels and no controls used."""
-    from perturbdiff._pretrain import Pretrained
     from perturbdiff.data import Split
+    from perturbdiff.model import Pretrained
 
     if not args.split:
         raise ConfigError("zero-shot prediction with a pretraining run needs --split (which conditions to predict)")
@@ -146,9 +145,8 @@ def _zero_shot(args: argparse.Namespace, adata):
 
 
 def _predict_controls(args: argparse.Namespace):
-    from perturbdiff import PerturbDiff
-    from perturbdiff._pretrain import is_pretrained_run
     from perturbdiff.datasets import read_h5ad
+    from perturbdiff.model import PerturbDiff, is_pretrained_run
 
     if is_pretrained_run(args.run, args.checkpoint):
         raise ConfigError(f"{args.run} is a pretraining run: it predicts zero-shot for a split (--data, --split); "

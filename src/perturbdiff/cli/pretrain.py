@@ -46,9 +46,9 @@ def _context_keys(specs: list[str], names: list[str]) -> tuple[dict[str, list[st
 
 def run(args: argparse.Namespace) -> int:
     from perturbdiff._logging import logger
-    from perturbdiff._pretrain import Pretrained
-    from perturbdiff.data._marginal import marginal_source
+    from perturbdiff.data import marginal_source
     from perturbdiff.datasets import read_h5ad
+    from perturbdiff.model import Pretrained
 
     speak_on_rank0()
     args.fraction = None

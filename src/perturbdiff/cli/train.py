@@ -82,9 +82,9 @@ def _parse_value(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from perturbdiff import PerturbDiff
     from perturbdiff.data import Split
     from perturbdiff.datasets import read_h5ad
+    from perturbdiff.model import PerturbDiff
 
     speak_on_rank0()
     cfg = resolve_config(args)

@@ -19,10 +19,12 @@ from torch.utils.data import Dataset
 
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
+from perturbdiff.data._codec import ScaleCodec
 from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._loader import SetBatch
 from perturbdiff.data._matrix import as_csr
 from perturbdiff.data._preprocess import MODEL_SCALE, get_record, hvg_genes, to_log1p
-from perturbdiff.data._sets import SetBatch, cut_sets, split_rows
+from perturbdiff.data._sets import cut_sets, split_rows
 from perturbdiff.data._validate import check_genes, check_input_kind, check_values
 
 CONTEXT_SEP = " / "  # a context of several columns becomes one token: "value1 / value2"
@@ -132,10 +134,11 @@ class MarginalSetDataset(Dataset):
     """
 
     def __init__(self, sources: Sequence[MarginalSource], genes: Sequence[str], context_vocab: Sequence[str], *,
-                 set_size: int, seed: int, scale: float = MODEL_SCALE):
+                 set_size: int, seed: int, codec: ScaleCodec | None = None):
         if set_size < 1:
             raise DataError(f"set_size must be >= 1, got {set_size}")
-        self.sources, self.set_size, self.seed, self.scale = list(sources), int(set_size), int(seed), float(scale)
+        self.sources, self.set_size, self.seed = list(sources), int(set_size), int(seed)
+        self.codec = codec or ScaleCodec(scale=self.sources[0].scale if self.sources else MODEL_SCALE)
         self.n_genes = len(genes)
         vocab = pd.Index(list(genes))
         self.gene_pos = [vocab.get_indexer(s.genes) for s in self.sources]  # [g_d] vocabulary column of each gene
@@ -174,7 +177,7 @@ class MarginalSetDataset(Dataset):
             sel = np.flatnonzero(ds == d)
             src = self.sources[d]
             X = as_csr(src.adata.X[src.rows[self._local[rows[sel].ravel()]]])  # (n·S, g_d)
-            vals = X.toarray().reshape(len(sel), S, -1) / np.float32(self.scale)
+            vals = self.codec.to_model(X.toarray().reshape(len(sel), S, -1))
             out[np.ix_(sel, np.arange(S), self.gene_pos[d])] = vals
         zeros = torch.zeros(B, dtype=torch.int64)
         batched = {"target": target, "control": torch.zeros_like(target),

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
+from perturbdiff.data._codec import ScaleCodec
 from perturbdiff.data._keys import DataKeys
+from perturbdiff.data._loader import SetBatch
 from perturbdiff.data._matrix import row_reader
 from perturbdiff.data._split import Condition, condition_codes, obs_codes
 from perturbdiff.data._vocab import Vocab
@@ -227,19 +229,6 @@ def _control_sets(rng, pools: list[np.ndarray], src: np.ndarray, S: int) -> tupl
     return target, control, flags
 
 
-class SetBatch(list):
-    """What ``__getitems__`` returns: per-set dicts (for any collate fn) plus the already batched dict."""
-
-    def __init__(self, batched: dict[str, torch.Tensor]):
-        super().__init__({k: v[i] for k, v in batched.items()} for i in range(len(batched["cond"])))
-        self.batched = batched
-
-
-def collate_sets(items):
-    """Collate fn: a SetBatch's batched dict as it is (no copy), otherwise torch's default stacking."""
-    return items.batched if isinstance(items, SetBatch) else default_collate(items)
-
-
 class CellSetDataset(Dataset):
     """Sets of S cells of one condition unit + matched control sets, reshuffled from (seed, epoch)."""
 
@@ -252,7 +241,7 @@ class CellSetDataset(Dataset):
         set_size: int,
         seed: int,
         control_set_fraction: float = 0.0,
-        scale: float = 10.0,
+        codec: ScaleCodec | None = None,
     ):
         if adata.n_obs != index.n_obs:
             raise DataError(f"the AnnData has {adata.n_obs} cells but the index was built on {index.n_obs}")
@@ -262,7 +251,7 @@ class CellSetDataset(Dataset):
             )
         self.X = row_reader(adata.X)  # in-memory CSR or a store's lazy rows
         self.index, self.set_size, self.seed = index, int(set_size), int(seed)
-        self.control_set_fraction, self.scale = float(control_set_fraction), float(scale)
+        self.control_set_fraction, self.codec = float(control_set_fraction), codec or ScaleCodec()
         self._sizes = np.asarray([len(r) for r in index.unit_rows], dtype=np.int64)
         self._flat = np.concatenate([np.zeros(0, np.int64), *index.unit_rows])
         self._cov = self._covariates(vocab)
@@ -300,7 +289,7 @@ class CellSetDataset(Dataset):
         return len(self._target)
 
     def __getitems__(self, indices: Sequence[int]) -> SetBatch:
-        """B sets in one CSR gather: target/control [B, S, G] = X[rows] / scale, pad [B, S], covariates [B, ...].
+        """B sets in one CSR gather: target/control [B, S, G] in model space, pad [B, S], covariates [B, ...].
 
         Every tensor of the batch is a view of one byte buffer, so a worker ships a single shared-memory block.
         """
@@ -313,7 +302,7 @@ class CellSetDataset(Dataset):
         x = buf[:n_x].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
         out = x.numpy().reshape(2 * B * S, G)
         self.X[np.concatenate([self._target[idx].ravel(), self._control[idx].ravel()])].toarray(out=out)
-        np.divide(out, np.float32(self.scale), out=out)
+        self.codec.to_model(out, out=out)
         batched = {"target": x[0], "control": x[1]}
         offset = n_x
         for k, v in ints.items():
@@ -328,70 +317,3 @@ class CellSetDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         """One set: target/control [S, G] float32, pad [S], pert [P], context [C], batch, dose, cond []."""
         return {k: v[0] for k, v in self.__getitems__([i]).batched.items()}
-
-
-def shard_batches(
-    n_sets: int, start: int, batch_sets: int, *, rank: int = 0, world_size: int = 1
-) -> list[tuple[range, int]]:
-    """Rank r's micro-batches of an epoch's set order from position ``start``, each with its global batch size.
-
-    A global batch is the next W·B sets of the order (the last one may be smaller); rank r takes its positions
-    r, r + W, ... so the ranks are disjoint and equally loaded. The last (n_sets − start) mod W sets of the epoch
-    are skipped (none when W = 1). ``start`` counts sets, so a run resumed with another W continues where it was.
-    """
-    W, step = int(world_size), int(world_size) * int(batch_sets)
-    end = max(start, n_sets - (n_sets - start) % W)
-    return [(range(q + rank, min(q + step, end), W), min(q + step, end) - q) for q in range(start, end, step)]
-
-
-class SetLoader:
-    """Iterable of batched dicts; each pass sets the dataset's epoch, then advances it (shuffle_epochs).
-
-    With ``world_size > 1`` rank r reads its share of every global batch of W·B sets (:func:`shard_batches`): sets
-    r, r + W, ... of the (already shuffled) epoch, the same number on every rank (the last ``len % W`` are skipped).
-    """
-
-    def __init__(
-        self,
-        dataset: CellSetDataset,
-        batch_sets: int,
-        *,
-        num_workers: int = 0,
-        shuffle_epochs: bool = True,
-        pin_memory: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if batch_sets < 1 or not 0 <= rank < world_size:
-            raise DataError(f"need batch_sets >= 1 and 0 <= rank < world_size, got {batch_sets}, {rank}, {world_size}")
-        self.dataset, self.batch_sets, self.num_workers = dataset, int(batch_sets), int(num_workers)
-        self.shuffle_epochs, self.pin_memory, self.epoch = shuffle_epochs, pin_memory, dataset.epoch
-        self.rank, self.world_size = int(rank), int(world_size)
-
-    def _batches(self) -> list[range]:
-        plan = shard_batches(len(self.dataset), 0, self.batch_sets, rank=self.rank, world_size=self.world_size)
-        return [idx for idx, _ in plan]
-
-    def __len__(self) -> int:
-        return len(self._batches())
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if self.shuffle_epochs:
-            self.dataset.set_epoch(self.epoch)
-            self.epoch += 1
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=self._batches(),
-            num_workers=self.num_workers,
-            collate_fn=collate_sets,
-            pin_memory=self.pin_memory,
-        )
-        return iter(loader)
-
-
-def make_loader(dataset: CellSetDataset, batch_sets: int, **kwargs) -> SetLoader:
-    """Batches of B sets: target/control [B, S, G], pad [B, S], pert [B, P], context [B, C], cond [B], ...
-
-    Keyword arguments are those of :class:`SetLoader` (num_workers, shuffle_epochs, pin_memory, rank, world_size).
-    """
-    return SetLoader(dataset, batch_sets, **kwargs)

@@ -17,6 +17,7 @@ from perturbdiff.data._split import labels as cond_labels
 
 PAD, UNKNOWN, NONE = "<pad>", "<unknown>", "<none>"
 GENERIC = 2  # pert index of <unknown>: a generic perturbation, trained by perturbation dropout
+FIRST_LABEL = 3  # pert indices 0, 1, 2 are <pad>, the control and <unknown>; perturbation parts start here
 
 
 def _observed(adata, col: str) -> list[str]:
@@ -66,6 +67,11 @@ class Vocab:
     @property
     def control(self) -> str:
         return self.pert[1]
+
+    @property
+    def first_label(self) -> int:
+        """Index of the first perturbation part (after <pad>, the control and <unknown>)."""
+        return FIRST_LABEL
 
     @property
     def sizes(self) -> dict[str, Any]:

@@ -1,16 +1,10 @@
-"""Set-level losses (energy distance, RBF-MMD) and the x0-prediction training objective (SPEC §3, §7)."""
+"""Set losses, plain functions of predicted and real cell sets: MSE, energy distance, RBF-MMD, set mean (SPEC §3)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
-from torch import nn
-
-from perturbdiff.config import DiffusionConfig
-from perturbdiff.diffusion._schedule import Schedule, q_sample
-
-COV_KEYS = ("pert", "context", "batch", "dose", "dataset")  # "dataset": only in marginal pretraining
 
 
 def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -101,15 +95,7 @@ def rbf_mmd(
         return within - 2.0 * _wmean(kernel(dxy), wx, wy)  # (B,)
 
 
-def _draw(kind: str, shape: tuple, generator: torch.Generator | None, device: torch.device, high: int = 0):
-    """Random draw on the generator's device (so a CPU generator works for CUDA data), moved to `device`."""
-    kw = {"generator": generator, "device": generator.device if generator is not None else device}
-    if kind == "randint":
-        return torch.randint(high, shape, **kw).to(device)
-    return (torch.randn if kind == "randn" else torch.rand)(shape, **kw).to(device)
-
-
-def _masked_mse(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
     """Mean squared error over the valid (cell, gene) entries, fp32."""
     w = cell_w[:, :, None] if gene_w is None else cell_w[:, :, None] * gene_w[:, None, :]  # (B, S, 1|G)
     err = (pred - target).pow(2) * w  # (B, S, G)
@@ -117,60 +103,33 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, 
     return err.sum() / n.clamp_min(1.0)
 
 
-def training_loss(
-    model: nn.Module,
-    sched: Schedule,
-    batch: dict,
-    cfg: DiffusionConfig,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """x0-prediction loss MSE(x̂0, x0) + λ·mean_b ED(x̂0_b, x0_b), self-conditioning, CFG and control dropout.
-
-    Padded cells (batch["pad"]) are excluded from both terms; batch["gene_mask"] [B,G] (optional) restricts
-    both terms to those genes. Self-conditioning is decided per set: the no-grad first pass runs on the whole
-    batch (static shapes for torch.compile) and is fed back only to the chosen rows.
-    """
-    x0 = batch["target"].float()  # (B, S, G)
-    b, dev = x0.shape[0], x0.device
-    cov = {k: batch[k] for k in COV_KEYS if k in batch}
-    t = _draw("randint", (b,), generator, dev, high=sched.T)  # (B,)
-    noise = _draw("randn", tuple(x0.shape), generator, dev)  # (B, S, G)
-    uncond = _draw("rand", (b,), generator, dev) < cfg.p_uncond  # (B,)
-    ctrl_drop = _draw("rand", (b,), generator, dev) < cfg.p_drop_control  # (B,)
-    use_self = _draw("rand", (b,), generator, dev) < cfg.self_cond_prob  # (B,)
-    x_t = q_sample(sched, x0, t, noise)  # (B, S, G)
-    ctrl = batch["control"]
-    x_self = torch.zeros_like(x_t)
-    if cfg.self_cond_prob > 0:
-        # the network's label dropout draws from the global generators: the first pass runs on a fork of them, so
-        # the second pass replays the same draws and both passes see one conditioning per set
-        forked = [dev] if dev.type != "cpu" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=forked, device_type=dev.type):
-            first = model(x_t, x_self, ctrl, t, cov, uncond, ctrl_drop).float()  # (B, S, G)
-        x_self = torch.where(use_self[:, None, None], first, x_self)
-    x0_hat = model(x_t, x_self, ctrl, t, cov, uncond, ctrl_drop).float()  # (B, S, G)
-
-    pad = batch.get("pad")
-    cell_w = x0.new_ones(x0.shape[:2]) if pad is None else (~pad.bool()).float()  # (B, S)
-    gene_w = batch.get("gene_mask")
-    gene_w = None if gene_w is None else gene_w.float()  # (B, G)
-    mse = _masked_mse(x0_hat, x0, cell_w, gene_w)
-    xe, ye = (x0_hat, x0) if gene_w is None else (x0_hat * gene_w[:, None], x0 * gene_w[:, None])
-    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.ed_weight != 0):
-        ed = energy_distance(xe, ye, cell_w, cell_w).mean()
-    loss = mse + cfg.ed_weight * ed
-    parts = {"mse": float(mse.detach()), "ed": float(ed.detach())}
-    if cfg.mean_weight:
-        mean_err = _set_mean_error(x0_hat, x0, cell_w, gene_w)
-        loss = loss + cfg.mean_weight * mean_err
-        parts["mean"] = float(mean_err.detach())
-    return loss, {**parts, "loss": float(loss.detach())}
-
-
-def _set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
+def set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
     """Squared error of the set means (pseudobulks) per gene: the population shift, weighted like the MSE."""
     w = cell_w / cell_w.sum(1, keepdim=True).clamp_min(1.0)  # (B, S)
     diff = torch.einsum("bs,bsg->bg", w, pred - target).pow(2)  # (B, G)
     if gene_w is None:
         return diff.mean()
     return (diff * gene_w).sum() / gene_w.sum().clamp_min(1.0)
+
+
+def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | None = None,
+             gene_mask: torch.Tensor | None = None, ed_weight: float = 1.0,
+             mean_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE + ed_weight · mean_b ED(pred_b, target_b) + mean_weight · set-mean error, over sets [B, S, G].
+
+    Padded cells (``pad`` [B, S]) are excluded from every term; ``gene_mask`` [B, G] restricts them to those genes.
+    Any process calls it on its own prediction of the data (x̂0 for VP diffusion, the flow's end point, ...).
+    """
+    cell_w = target.new_ones(target.shape[:2]) if pad is None else (~pad.bool()).float()  # (B, S)
+    gene_w = None if gene_mask is None else gene_mask.float()  # (B, G)
+    mse = masked_mse(pred, target, cell_w, gene_w)
+    xe, ye = (pred, target) if gene_w is None else (pred * gene_w[:, None], target * gene_w[:, None])
+    with torch.set_grad_enabled(torch.is_grad_enabled() and ed_weight != 0):
+        ed = energy_distance(xe, ye, cell_w, cell_w).mean()
+    loss = mse + ed_weight * ed
+    parts = {"mse": float(mse.detach()), "ed": float(ed.detach())}
+    if mean_weight:
+        mean_err = set_mean_error(pred, target, cell_w, gene_w)
+        loss = loss + mean_weight * mean_err
+        parts["mean"] = float(mean_err.detach())
+    return loss, {**parts, "loss": float(loss.detach())}

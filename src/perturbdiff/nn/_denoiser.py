@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from perturbdiff.config import PRESETS, Config, ModelConfig
@@ -20,7 +19,8 @@ class Denoiser(nn.Module):
     Target stream input [x_t ; x̂0_self] (2G) -> Linear -> H. Control stream input [x_ctrl ; 0] -> Linear -> H
     is implemented as a Linear G -> H on x_ctrl: the zero half multiplies columns that never receive a
     gradient, so it is the same function with G·H fewer parameters. c = MLP(sinusoidal(t)) + CovEncoder(cov).
-    Only the target stream is decoded, so no final layer is created for the control stream. Output: ReLU(x̂0).
+    Only the target stream is decoded, so no final layer is created for the control stream. The output is the raw
+    head: its form (ReLU in a non-negative space, a skip from the control mean) belongs to the process.
     With ``n_datasets > 1`` (marginal pretraining on several data sets, SPEC §5) the target input layer and the
     output layer are per data set (:class:`DatasetLinear`), chosen per set by ``cov["dataset"]``.
     """
@@ -72,7 +72,7 @@ class Denoiser(nn.Module):
                 nn.init.zeros_(stream.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final.adaLN_modulation[-1].bias)
-        # Not zero (unlike DiT): a zero projection under the output ReLU would never receive a gradient.
+        # Not zero (unlike DiT): a zero projection under the process's output ReLU would never receive a gradient.
         nn.init.normal_(self.final.linear.weight, std=0.02)
         nn.init.zeros_(self.final.linear.bias)
 
@@ -88,11 +88,8 @@ class Denoiser(nn.Module):
         t: torch.Tensor,
         cov: dict,
         uncond: torch.Tensor | None = None,
-        ctrl_drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x̂0 = ReLU(f(x_t, x̂0_self, x_ctrl, t, cov)); `ctrl_drop` rows get an all-zero control input."""
-        if ctrl_drop is not None:
-            x_ctrl = x_ctrl.masked_fill(ctrl_drop.reshape(-1, 1, 1), 0.0)  # (B, S, G)
+        """f(x_t, x̂0_self, x_ctrl, t, cov) [B, S, G]; ``uncond`` rows use the null covariate vector."""
         ds = cov.get("dataset") if self.n_datasets > 1 else None  # (B,) data set of each set
         x_in = torch.cat([x_t, x_self], dim=-1)  # (B, S, 2G)
         x = self.x_in(x_in, ds) if self.n_datasets > 1 else self.x_in(x_in)  # (B, S, H)
@@ -100,10 +97,19 @@ class Denoiser(nn.Module):
         c = self.condition(t, cov, uncond)  # (B, H)
         for block in self.blocks:
             x, xc = block(x, xc, c)  # (B, S, H) each
-        out = self.final(x, c, ds)  # (B, S, G)
-        if self.cfg.control_skip:  # predict relative to the control population: a residual on its mean profile
-            out = out + x_ctrl.mean(dim=1, keepdim=True).to(out.dtype)
-        return F.relu(out)
+        return self.final(x, c, ds)  # (B, S, G)
+
+
+def fresh_io_weights(hidden: int, V: int) -> dict[str, torch.Tensor]:
+    """Freshly initialised input/output layers over V genes, drawn as :meth:`Denoiser.initialize_weights` draws them
+    (finetuning with ``io_layers="reinit"``)."""
+    h = hidden
+    x_in, ctrl_in = torch.empty(h, 2 * V), torch.empty(h, V)
+    nn.init.xavier_uniform_(x_in)
+    nn.init.xavier_uniform_(ctrl_in)
+    return {"x_in.weight": x_in, "x_in.bias": torch.zeros(h), "ctrl_in.weight": ctrl_in,
+            "ctrl_in.bias": torch.zeros(h), "final.linear.weight": torch.randn(V, h) * 0.02,
+            "final.linear.bias": torch.zeros(V)}
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

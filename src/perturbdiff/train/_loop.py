@@ -16,11 +16,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import logger
-from perturbdiff.config import Config, flat_dict
-from perturbdiff.data._sets import collate_sets, shard_batches
-from perturbdiff.diffusion import make_schedule, training_loss
+from perturbdiff.config import Config
+from perturbdiff.data import SetLoader
 from perturbdiff.train._checkpoint import (
     load_checkpoint,
     optimizer_from_flat,
@@ -54,21 +52,23 @@ class TrainState:
 
 
 class Trainer:
-    """Owns the optimiser, EMA, loss generator and data position; the network and data set are given.
+    """Owns the optimiser, EMA and loss generator; the network, the process (its ``loss``) and the loader are given.
 
     Under torchrun (WORLD_SIZE > 1) it joins the process group, wraps the network in DDP and reads this rank's
     share of every global batch; rank 0 alone validates, logs and writes checkpoints (docs/DISTRIBUTED.md).
     """
 
-    def __init__(self, network: nn.Module, cfg: Config, dataset, *, meta: Callable[[], dict],
+    def __init__(self, network: nn.Module, process, dataset, cfg: Config, *, meta: Callable[[], dict],
                  validate: Callable[[nn.Module], dict] | None = None, out_dir: str | Path | None = None,
                  device: str | torch.device | None = "cpu"):
-        self.net, self.cfg, self.dataset, self.meta = network, cfg, dataset, meta
+        self.net, self.process, self.cfg, self.meta = network, process, cfg, meta
         self.dist, self.device = setup_distributed(device)  # one plain process unless under torchrun
+        self.loader = SetLoader(dataset, cfg.data.batch_sets, num_workers=cfg.data.num_workers,
+                                pin_memory=self.device.type == "cuda", rank=self.dist.rank,
+                                world_size=self.dist.world_size, seed=cfg.train.seed)
         self.validate = validate
         self.out_dir = Path(out_dir) if out_dir else None
         self.net.to(self.device)
-        self.sched = make_schedule(cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
         self.opt = make_optimizer(self.net, cfg.train)
         self.ema = EMA(self.net, cfg.train.ema_decay, cfg.train.ema_every, cfg.train.ema_warmup)
         self.gen = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
@@ -76,29 +76,6 @@ class Trainer:
         self.forward_net = torch.compile(self.net) if cfg.train.compile else self.net  # shares self.net's weights
         self.ddp: DistributedDataParallel | None = None  # set while fit() runs under several processes
         self.loss_net: Callable = self.forward_net
-
-    # -- data ------------------------------------------------------------------------------------------
-    def _batches(self) -> Iterator[dict]:
-        """This rank's micro-batches from the current data position on, epoch after epoch (``shard_batches``)."""
-        B, d = self.cfg.data.batch_sets, self.dist
-        while True:
-            self.dataset.set_epoch(self.state.epoch)
-            plan = shard_batches(len(self.dataset), self.state.sets_in_epoch, B, rank=d.rank, world_size=d.world_size)
-            if not plan and self.state.sets_in_epoch == 0:
-                raise DataError(f"the training data give {len(self.dataset)} sets, too few for {d.world_size} "
-                                "process(es)")
-            loader = torch.utils.data.DataLoader(
-                self.dataset, batch_sampler=[idx for idx, _ in plan], num_workers=self.cfg.data.num_workers,
-                collate_fn=collate_sets,
-                persistent_workers=False, pin_memory=self.device.type == "cuda",
-                generator=torch.Generator().manual_seed(self.cfg.train.seed))  # keeps the global RNG untouched
-            for j, (batch, (_, n_global)) in enumerate(zip(loader, plan)):
-                self.state.sets_in_epoch += n_global
-                if j == len(plan) - 1:  # the epoch is used up: the position moves on at once
-                    self.state.epoch, self.state.sets_in_epoch = self.state.epoch + 1, 0
-                yield batch
-            if not plan:  # nothing of this epoch left for this world size (its last sets are skipped)
-                self.state.epoch, self.state.sets_in_epoch = self.state.epoch + 1, 0
 
     # -- one step --------------------------------------------------------------------------------------
     def _autocast(self):
@@ -111,7 +88,7 @@ class Trainer:
     def _loss_and_backward(self, batch: dict) -> dict:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self._autocast():
-            loss, parts = training_loss(self.loss_net, self.sched, batch, self.cfg.diffusion, generator=self.gen)
+            loss, parts = self.process.loss(self.loss_net, batch, generator=self.gen)
         (loss / self.cfg.train.grad_accum).backward()
         return parts
 
@@ -134,6 +111,7 @@ class Trainer:
         n_cells, n_micro = 0, self.cfg.train.grad_accum
         for i in range(n_micro):
             batch = next(batches)
+            self.state.epoch, self.state.sets_in_epoch = self.loader.epoch, self.loader.sets_in_epoch
             n_cells += batch["target"].shape[0] * batch["target"].shape[1] * self.dist.world_size
             no_sync = self.ddp is not None and i < n_micro - 1
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
@@ -174,7 +152,7 @@ class Trainer:
             return self._loop(max_steps or self.cfg.train.max_steps, progress)
 
     def _loop(self, max_steps: int, progress: bool) -> TrainState:
-        batches = self._batches()
+        batches = self.loader.stream()
         log = self._open_log()
         bar = tqdm(total=max_steps, initial=self.state.step, disable=not (progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
@@ -270,6 +248,7 @@ class Trainer:
         if "batch_in_epoch" in state:  # checkpoints before distributed training counted batches of B sets
             state["sets_in_epoch"] = state.pop("batch_in_epoch") * self.cfg.data.batch_sets
         self.state = TrainState(**state)
+        self.loader.seek(self.state.epoch, self.state.sets_in_epoch)
         logger.info("resumed from %s at step %d (epoch %d, set %d; written by %d process(es), now %d)", path,
                     self.state.step, self.state.epoch, self.state.sets_in_epoch, self.state.world_size,
                     self.dist.world_size)
@@ -303,104 +282,3 @@ def _fmt(v):
     if v is None:
         return ""
     return f"{v:.6g}" if isinstance(v, float) else v
-
-
-CHECKPOINT_NAMES = ("last.safetensors", "best.safetensors")
-#: config keys a resumed run may change: the budget (the schedule is stretched to it from the resumed step on)
-RESUMABLE_CHANGES = ("train.max_steps",)
-
-
-def checkpoint_bytes(network: nn.Module) -> int:
-    """Disk a run directory needs: two checkpoints (weights, EMA, two AdamW moments) plus one temp copy."""
-    n = sum(p.numel() * p.element_size() for p in network.parameters())
-    return 3 * 4 * n + (1 << 20)
-
-
-def resume_point(out: Path) -> Path | None:
-    """``last``; ``best`` when ``last`` was never written completely (its first write killed); else None."""
-    for name in CHECKPOINT_NAMES:
-        if (out / name).exists():
-            if name != CHECKPOINT_NAMES[0]:
-                logger.warning("%s has no last checkpoint (its first write was interrupted): resuming from %s",
-                               out, name)
-            return out / name
-    return None
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """``section.key old -> new`` for every config value that differs."""
-    a, b = flat_dict(old), flat_dict(new)
-    return [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def check_resumable(path: Path, meta: dict) -> dict:
-    """Refuse, before anything is written, to resume ``path`` with another config, split, genes or vocabulary
-    than the run's (one line naming what differs); returns the checkpoint's metadata."""
-    old = load_checkpoint(path, prefixes=("\0",))[1]  # the header only
-    run = path.parent
-    changes = [c for c in config_changes(old.get("config", {}), meta.get("config", {}))
-               if c.split(" ", 1)[0] not in RESUMABLE_CHANGES]
-
-    def part(m: dict, name: str):
-        v = (m.get("record") or {}).get("genes") if name == "genes" else m.get(name)
-        return None if v is None else _jsonable(v)
-
-    what = [name for name in ("split", "vocab", "genes", "datasets")
-            if part(old, name) is not None and part(meta, name) is not None and part(old, name) != part(meta, name)]
-    if changes or what:
-        shown = "; ".join(changes[:6]) + (f" and {len(changes) - 6} more" if len(changes) > 6 else "")
-        parts = ([f"config differs ({shown})"] if changes else []) + [f"its {w} differs" for w in what]
-        raise ConfigError(f"{run} holds a run at step {old.get('state', {}).get('step', '?')} that this command "
-                          f"cannot continue: {', '.join(parts)}",
-                          python="pass resume=False to start afresh there, or choose another out_dir",
-                          cli="pass --no-resume to start afresh there, or choose another --out")
-    return old
-
-
-def _jsonable(v):
-    import json
-
-    return json.loads(json.dumps(v, default=str))
-
-
-def run_trainer(network: nn.Module, cfg: Config, dataset, *, meta: Callable[[], dict],
-                validate: Callable[[nn.Module], dict] | None, out_dir: str | Path | None, device,
-                resume: bool = True, files: dict[str, Callable[[Path], object]] | None = None) -> Trainer:
-    """A Trainer for a run directory: rank 0 writes config.toml (and ``files``: name -> writer(path)); the run
-    continues from ``last.safetensors`` when ``resume`` and it exists.
-
-    Everything that can fail is checked before anything is written: the folder is writable with room for the
-    checkpoints, and a run to resume has this config, split and genes (else one line, files untouched). Temp
-    files of interrupted checkpoint writes are removed.
-    """
-    from perturbdiff._io import atomic_write_text, check_writable, clean_temp_files
-    from perturbdiff.train._distributed import is_main
-
-    out = Path(out_dir) if out_dir else None
-    start = None
-    if out is not None:
-        if is_main():
-            check_writable(out, folder=True, need_bytes=checkpoint_bytes(network))
-            for tmp in clean_temp_files(out, CHECKPOINT_NAMES):
-                logger.info("removed %s, left by an interrupted checkpoint write", tmp.name)
-        start = resume_point(out) if resume else None
-        if start is not None:
-            old = check_resumable(start, meta())
-            step, planned = old.get("state", {}).get("step", 0), old["config"]["train"]["max_steps"]
-            total = cfg.train.max_steps
-            if step >= total:
-                logger.info("%s already reached step %d of %d: nothing to train (raise max_steps to continue)",
-                            out, step, total)
-            else:
-                logger.info("resuming %s at step %d of %d%s", out, step, total,
-                            f" (planned for {planned}: the learning-rate schedule now ends at {total})"
-                            if planned != total else "")
-        if is_main():  # under torchrun only rank 0 writes files
-            atomic_write_text(out / "config.toml", cfg.to_toml())
-            for name, write in (files or {}).items():
-                write(out / name)
-    trainer = Trainer(network, cfg, dataset, meta=meta, validate=validate, out_dir=out, device=device)
-    if start is not None:
-        trainer.resume(start)
-    trainer.start_step = trainer.state.step
-    return trainer

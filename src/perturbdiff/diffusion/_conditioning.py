@@ -1,0 +1,76 @@
+"""The conditioning policy any process shares: label and control dropout, self-conditioning, guidance (SPEC §3).
+
+Training drops the covariates of a share of sets (``p_uncond``: classifier-free guidance learns an unconditional
+branch), the control stream of a share (``p_drop_control``; 1.0 in marginal pretraining) and feeds a first no-grad
+prediction back to a share (``self_cond_prob``). Sampling runs the conditional and unconditional branches as one
+forward of a doubled batch and mixes them with weight w.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+#: covariate names a network reads; "dataset" only in marginal pretraining
+COV_KEYS = ("pert", "context", "batch", "dose", "dataset")
+
+
+def draw(kind: str, shape: tuple, generator: torch.Generator | None, device: torch.device, high: int = 0):
+    """Random draw on the generator's device (so a CPU generator works for CUDA data), moved to ``device``."""
+    kw = {"generator": generator, "device": generator.device if generator is not None else device}
+    if kind == "randint":
+        return torch.randint(high, shape, **kw).to(device)
+    return (torch.randn if kind == "randn" else torch.rand)(shape, **kw).to(device)
+
+
+@dataclass
+class Dropouts:
+    """Per-set training draws [B] (bool): unconditional, control stream zeroed, self-conditioned."""
+
+    uncond: torch.Tensor
+    ctrl_drop: torch.Tensor
+    use_self: torch.Tensor
+
+    @classmethod
+    def draw(cls, b: int, cfg, generator: torch.Generator | None, device: torch.device) -> Dropouts:
+        """Three uniform draws per set, in this order, against ``cfg.p_uncond / p_drop_control / self_cond_prob``."""
+        uncond = draw("rand", (b,), generator, device) < cfg.p_uncond
+        ctrl_drop = draw("rand", (b,), generator, device) < cfg.p_drop_control
+        use_self = draw("rand", (b,), generator, device) < cfg.self_cond_prob
+        return cls(uncond, ctrl_drop, use_self)
+
+
+def drop_controls(ctrl: torch.Tensor, ctrl_drop: torch.Tensor | None) -> torch.Tensor:
+    """The control stream with the chosen sets' cells all zero."""
+    return ctrl if ctrl_drop is None else ctrl.masked_fill(ctrl_drop.reshape(-1, 1, 1), 0.0)  # (B, S, G)
+
+
+def self_conditioning(predict: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, use_self: torch.Tensor,
+                      enabled: bool) -> torch.Tensor:
+    """The self-conditioning input: a no-grad first prediction where ``use_self``, zeros elsewhere.
+
+    The first pass runs on the whole batch (static shapes for torch.compile) and on a fork of the global generators,
+    so label dropout inside the network draws the same labels in the graded second pass.
+    """
+    x_self = torch.zeros_like(like)
+    if not enabled:
+        return x_self
+    dev = like.device
+    forked = [dev] if dev.type != "cpu" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=forked, device_type=dev.type):
+        first = predict(x_self).float()  # (B, S, G)
+    return torch.where(use_self[:, None, None], first, x_self)
+
+
+def doubled(ctrl: torch.Tensor, cov: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Control stream and covariates twice over, and the mask of the second (unconditional) half [2B]."""
+    b = ctrl.shape[0]
+    uncond = torch.arange(2 * b, device=ctrl.device) >= b
+    return torch.cat([ctrl, ctrl]), {k: torch.cat([v, v]) for k, v in cov.items()}, uncond
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance: (1 + w)·cond − w·uncond (in whatever space the process mixes: ε, velocity)."""
+    return (1 + w) * cond - w * uncond

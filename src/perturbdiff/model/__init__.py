@@ -1,0 +1,22 @@
+"""perturbdiff.model: the run objects (one base class), their one generation path and the output layout.
+
+``PerturbDiff`` learns perturbation responses from a split; ``Pretrained`` learns unperturbed cells of several data
+sets and predicts zero-shot; ``finetune`` starts a task run from a pretrained one; ``load_run`` loads either.
+"""
+
+from perturbdiff.model._controls import predict_for_controls
+from perturbdiff.model._finetune import finetune, transfer_weights
+from perturbdiff.model._perturbdiff import PerturbDiff
+from perturbdiff.model._pretrained import Pretrained, pretrain_config
+from perturbdiff.model._run import (
+    Run,
+    checkpoint_kind,
+    default_device,
+    is_pretrained_run,
+    load_run,
+    resolve_checkpoint,
+)
+
+__all__ = ["Run", "PerturbDiff", "Pretrained", "finetune", "transfer_weights", "pretrain_config",
+           "predict_for_controls", "load_run", "checkpoint_kind", "is_pretrained_run", "resolve_checkpoint",
+           "default_device"]

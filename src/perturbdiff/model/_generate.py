@@ -1,0 +1,136 @@
+"""THE generation path every prediction takes (split conditions, the user's own controls, zero-shot):
+plan sets → covariates per set → ``process.sample`` in batches → the codec's zero floor; ``codec.from_model``
+turns the result into log1p for the output."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from perturbdiff._errors import DataError
+from perturbdiff.config import Config, SampleConfig
+from perturbdiff.data import Split, draw_positions, row_reader
+
+
+@dataclass
+class SetPlan:
+    """The sets to generate: condition index [N] and sample id [N] of each, its control rows [N, S] (None: the
+    control stream is zero, as in zero-shot prediction from a marginal model)."""
+
+    cond: np.ndarray
+    sample: np.ndarray
+    rows: np.ndarray | None
+    set_size: int
+
+    def __len__(self) -> int:
+        return len(self.cond)
+
+
+def plan_sets(n_cells: Sequence[int], set_size: int, n_samples: int, seed: int,
+              pools: Sequence[np.ndarray] | None = None) -> SetPlan:
+    """⌈n / S⌉ sets per condition and sample, ordered by (sample, condition); control rows drawn from each
+    condition's pool (seeded by (seed, sample, condition)) when ``pools`` are given."""
+    S, rows, cond, sample = set_size, [], [], []
+    for k in range(n_samples):
+        for i, n in enumerate(n_cells):
+            n_sets = math.ceil(n / S)
+            if n_sets == 0:
+                continue
+            if pools is not None:
+                pos, _ = draw_positions(np.random.default_rng([seed, k, i]), len(pools[i]), n_sets, S)
+                rows.append(pools[i][pos])
+            cond += [i] * n_sets
+            sample += [k] * n_sets
+    if pools is None:
+        ctrl = None
+    else:
+        ctrl = np.concatenate(rows) if rows else np.zeros((0, S), np.int64)
+    return SetPlan(np.asarray(cond, np.int64), np.asarray(sample, np.int64), ctrl, S)
+
+
+@torch.no_grad()
+def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes: int | None = None, settings,
+             seed: int = 0, device=None, progress: bool = True, codec=None, batch_size: int = 64) -> np.ndarray:
+    """Model-space cells [N, S, G] for every planned set: ``run.process.sample`` with the run's network, in
+    batches of ``batch_size`` sets (batch c draws its noise from ``seed * 1_000_003 + c``), control sets from the
+    rows of ``X`` through the codec, values under the codec's floor zeroed. ``cov``: covariates per set [N, ...]."""
+    from perturbdiff.model._run import default_device
+
+    codec = codec or run.codec
+    device = torch.device(device or default_device())
+    net = run.network.to(device).eval()
+    X = None if X is None else row_reader(X)  # in-memory CSR or a store's lazy rows
+    G = X.shape[1] if X is not None else int(n_genes)
+    N, S = len(plan), plan.set_size
+    out = np.zeros((N, S, G), np.float32)
+    for c in tqdm(range(0, N, batch_size), disable=not progress, desc="sample", unit="batch", dynamic_ncols=True):
+        sl = slice(c, min(c + batch_size, N))
+        if plan.rows is None:
+            ctrl = torch.zeros(sl.stop - sl.start, S, G)
+        else:
+            ctrl = torch.from_numpy(codec.to_model(X[plan.rows[sl].ravel()].toarray())).view(-1, S, G)
+        cv = {k: torch.from_numpy(np.ascontiguousarray(v[sl])).to(device) for k, v in cov.items()}
+        gen = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + c)
+        x0 = run.process.sample(net, ctrl.to(device), cv, settings, generator=gen)
+        out[sl] = codec.zero_floor(x0).float().cpu().numpy()
+    return out
+
+
+def per_condition(cells: np.ndarray, plan: SetPlan, n_cells: Sequence[int], n_samples: int) -> list[np.ndarray]:
+    """Cells [n_i, G] per (sample, condition), in that order, trimmed to each condition's count."""
+    G = cells.shape[2]
+    return [cells[(plan.cond == i) & (plan.sample == k)].reshape(-1, G)[:n] for k in range(n_samples)
+            for i, n in enumerate(n_cells)]
+
+
+def cells_to_generate(n_cells, conditions: Sequence, *, observed: Sequence[int], split: Split | None = None,
+                      subset: str = "test") -> list[int]:
+    """Cells per condition: ``n_cells`` (one number or one per condition), else the split's ``test_n_cells`` for
+    its own test conditions, else ``observed`` (what the caller counts: real cells, control pool sizes)."""
+    if isinstance(n_cells, (int, np.integer)):
+        return [int(n_cells)] * len(conditions)
+    if n_cells is not None:
+        counts = [int(n) for n in n_cells]
+        if len(counts) != len(conditions):
+            raise DataError(f"n_cells has {len(counts)} values for {len(conditions)} conditions")
+        return counts
+    if subset == "test" and split is not None and split.test_n_cells and list(conditions) == list(split.test):
+        return list(split.test_n_cells)
+    return [int(n) for n in observed]
+
+
+def check_counts(*, n_samples: int = 1, n_cells=None) -> None:
+    """``n_samples`` and every ``n_cells`` at least 1 (one ConfigError before any work)."""
+    from perturbdiff._errors import ConfigError
+
+    if int(n_samples) < 1:
+        raise ConfigError(f"n_samples must be at least 1, got {n_samples}")
+    if n_cells is not None:
+        values = [n_cells] if isinstance(n_cells, (int, np.integer)) else list(n_cells)
+        bad = [n for n in values if int(n) < 1]
+        if bad:
+            raise ConfigError(f"n_cells must be at least 1, got {bad[0]}")
+
+
+def majority(codes: np.ndarray) -> np.ndarray:
+    """Most frequent non-negative code per row of [N, S] (-1 where a row has none)."""
+    if codes.size == 0:
+        return np.zeros(len(codes), np.int64)
+    n = max(int(codes.max()) + 2, 2)
+    counts = np.stack([(codes == v).sum(1) for v in range(-1, n - 1)], axis=1)  # (N, n)
+    counts[:, 0] = 0
+    best = counts.argmax(1) - 1
+    return np.where(counts.max(1) > 0, best, -1)
+
+
+def sample_settings(base: SampleConfig, **changes) -> SampleConfig:
+    """A copy of sampler settings with those given (None = keep), checked like any config value."""
+    out = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    Config(sample=out).validate()
+    return out

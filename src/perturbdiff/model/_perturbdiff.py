@@ -1,0 +1,277 @@
+"""The public model object: ``PerturbDiff.from_config(cfg, adata, split)``, ``.train()``, ``.predict()``,
+``.save()``, ``PerturbDiff.load()`` (the habits of scvi-tools / CellFlow)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from perturbdiff._errors import DataError
+from perturbdiff._logging import is_cli, logger, warn
+from perturbdiff.config import Config, SampleConfig
+from perturbdiff.data import (
+    CellSetDataset,
+    CellSetIndex,
+    Condition,
+    DataKeys,
+    ScaleCodec,
+    Split,
+    Vocab,
+    align_genes,
+    align_table,
+    as_csr,
+    get_record,
+    labels,
+    read_embedding_table,
+    row_mean,
+    training_mask,
+    unseen_error,
+)
+from perturbdiff.diffusion import energy_distance
+from perturbdiff.evaluate import metric
+from perturbdiff.model._generate import (
+    cells_to_generate,
+    check_counts,
+    generate,
+    majority,
+    per_condition,
+    plan_sets,
+    sample_settings,
+)
+from perturbdiff.model._output import assemble, output_uns, sampler_settings, with_real_controls
+from perturbdiff.model._run import TASK, Run, build_network
+from perturbdiff.nn import Denoiser
+
+
+class PerturbDiff(Run):
+    """A trained (or trainable) set-diffusion model with everything ``predict`` needs."""
+
+    kind = TASK
+
+    def __init__(self, cfg: Config, network: Denoiser, vocab: Vocab, record: dict, codec, *,
+                 split: Split | None = None, adata: AnnData | None = None, summary: dict | None = None):
+        super().__init__(cfg, network, vocab, codec, summary=summary)
+        self.record, self.split, self.adata = record, split, adata
+        self.keys = DataKeys.from_dict(record["keys"])
+        self.genes = [str(g) for g in record["genes"]]
+
+    # -- construction ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: Config, adata: AnnData, split: Split) -> PerturbDiff:
+        """Build vocabularies from the split's training conditions, the codec from its training cells, and a
+        freshly initialised denoiser."""
+        cfg.validate()
+        record = get_record(adata)
+        keys = DataKeys.from_dict(record["keys"])
+        split.check(adata, keys)
+        if list(adata.var_names) != [str(g) for g in record["genes"]]:
+            raise DataError("the AnnData's genes differ from its preprocessing record; re-run preprocess")
+        vocab = Vocab.build(adata, keys, split.train)
+        seen = vocab.perturbations
+        table = None
+        if cfg.model.pert_embedding:
+            names, mat = read_embedding_table(cfg.model.pert_embedding)
+            vocab.pert += [lab for lab in names if lab not in set(vocab.pert)]  # representable through the table
+            table = torch.from_numpy(align_table(vocab.pert, names, mat))
+            logger.info("perturbation embeddings %s: %d labels, %d of them not seen in training",
+                        cfg.model.pert_embedding, len(names), len(vocab.pert) - vocab.first_label - len(seen))
+        torch.manual_seed(cfg.train.seed)
+        network = build_network(cfg, adata.n_vars, vocab, pert_table=table)
+        if table is not None:  # table-only labels: their learned part starts at zero, only the table speaks
+            with torch.no_grad():
+                network.cov_encoder.pert.weight[vocab.first_label + len(seen):] = 0.0
+        train_rows = np.flatnonzero(training_mask(adata, keys, split))
+        _check_gene_selection(record, len(train_rows), adata.n_obs)
+        _check_test_representable(vocab, split)
+        codec = ScaleCodec.fit(adata.X, train_rows, scale=record["scale"], cfg=cfg.codec)  # store: chunked
+        summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
+                   "n_val_conditions": len(split.val), "n_test_conditions": len(split.test),
+                   "seen_perturbations": seen}
+        return cls(cfg, network, vocab, record, codec, split=split, adata=adata, summary=summary)
+
+    def _own_meta(self) -> dict[str, Any]:
+        return {"record": self.record, "split": self.split.to_dict() if self.split else None}
+
+    @classmethod
+    def _from_meta(cls, cfg, meta, vocab, codec, tensors, *, adata: AnnData | None = None) -> PerturbDiff:
+        table = tensors.get("ema.cov_encoder.pert_table")
+        network = build_network(cfg, len(meta["record"]["genes"]), vocab,
+                                pert_table=None if table is None else torch.zeros_like(table))
+        split = Split.from_dict(meta["split"]) if meta.get("split") else None
+        return cls(cfg, network, vocab, meta["record"], codec, split=split, adata=adata, summary=meta.get("summary"))
+
+    @classmethod
+    def load(cls, path: str | Path, *, adata: AnnData | None = None, which: str = "best") -> PerturbDiff:
+        """Load a run directory (``best``/``last``/``model`` checkpoint) or a ``.safetensors`` file; no pickle."""
+        return super().load(path, which=which, adata=adata)
+
+    # -- training --------------------------------------------------------------------------------------------
+    def train(self, max_steps: int | None = None, out_dir: str | Path | None = None, *, progress: bool = True,
+              resume: bool = True, device: str | torch.device | None = None) -> PerturbDiff:
+        """Train on the split's training conditions (+ control→control sets); keeps best and last checkpoints.
+        Afterwards the object holds the best checkpoint's EMA weights (SPEC §3), as the run directory does."""
+        if self.adata is None or self.split is None:
+            raise DataError("training needs the AnnData and split given to PerturbDiff.from_config")
+        cfg = self._budget(max_steps)
+        index = CellSetIndex.build(self.adata, self.keys, self.split.train, fraction=cfg.data.fraction,
+                                   seed=cfg.train.seed)
+        dataset = CellSetDataset(self.adata, index, self.vocab, set_size=cfg.data.set_size, seed=cfg.train.seed,
+                                 control_set_fraction=cfg.data.control_set_fraction, codec=self.codec)
+        validate = self._validator(device) if self.split.val else None
+        trainer = self._fit(dataset, max_steps, out_dir, validate=validate, progress=progress, resume=resume,
+                            device=device, files={"split.json": self.split.write})
+        self.network.load_state_dict(trainer.best_weights())
+        return self
+
+    def _validator(self, device):
+        """Cheap but meaningful score on validation conditions: energy distance and pearson_delta (model space)."""
+        conds = self.split.val[: self.cfg.train.val_max_conditions]
+        index = CellSetIndex.build(self.adata, self.keys, conds)
+        S = self.cfg.data.set_size
+        n_cells = [min(len(g), 2 * S) for g in index.groups]
+        pools = [index.control_pool(i) for i in range(len(conds))]
+        real = [self.codec.to_model(as_csr(self.adata.X[g[:n]]).toarray()) for g, n in zip(index.groups, n_cells)]
+        ctrl_mean = [self.codec.to_model(row_mean(self.adata.X, pool)) for pool in pools]  # store: in blocks
+        unseen = self.vocab.unseen_parts([p for _, p in conds])
+        if unseen:  # held-out perturbations: the generic token is the only route, so validation takes it
+            logger.info("validation condition(s) %s hold perturbations never seen in training: validated through "
+                        "the generic perturbation token", labels([c for c in conds if c[1] in unseen]))
+        pearson_delta = metric("pearson_delta").compute
+
+        def validate(net: torch.nn.Module) -> dict:
+            pred = self._cells(self.adata, conds, pools, n_cells, network=net, device=device, progress=False,
+                               unknown_pert="generic" if unseen else "error")
+            eds, rs = [], []
+            for i, (r, p) in enumerate(zip(real, pred)):
+                eds.append(float(energy_distance(torch.from_numpy(p)[None], torch.from_numpy(r)[None])[0]))
+                rs.append(pearson_delta(p.mean(0), r.mean(0), ctrl_mean[i]))
+            ed = float(np.mean(eds))
+            return {"val_score": ed, "val_ed": ed, "val_pearson_delta": float(np.nanmean(rs))}
+
+        return validate
+
+    # -- prediction ------------------------------------------------------------------------------------------
+    def _cells(self, adata: AnnData, conds: Sequence[Condition], pools: Sequence[np.ndarray], n_cells: Sequence[int],
+               *, settings: SampleConfig | None = None, n_samples: int = 1, seed: int = 0, network=None,
+               device=None, progress: bool = False, unknown_pert: str = "error",
+               doses: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Model-space cells per (sample, condition), control sets from each condition's pool of ``adata``."""
+        plan = plan_sets(n_cells, self.cfg.data.set_size, n_samples, seed, pools)
+        cov = self._covariates(adata, conds, plan, unknown_pert, doses)
+        run = self if network is None else _WithNetwork(self, network)
+        cells = generate(run, plan, cov, X=adata.X, settings=settings or self.cfg.sample, seed=seed, device=device,
+                         progress=progress)
+        return per_condition(cells, plan, n_cells, n_samples)
+
+    def _covariates(self, adata: AnnData, conds, plan, unknown_pert: str = "error",
+                    doses: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Covariates per planned set; the batch of a set is the majority batch of its control cells."""
+        batch_values = None
+        if self.keys.batch_key is not None and self.keys.batch_key in adata.obs:
+            b = adata.obs[self.keys.batch_key].astype("category")
+            codes = majority(b.cat.codes.to_numpy()[plan.rows])
+            cats = np.asarray(b.cat.categories.astype(str), dtype=object)
+            batch_values = [cats[c] if c >= 0 else None for c in codes]
+        cv = self.vocab.encode([conds[i] for i in plan.cond], batch_values, None, unknown="unknown",
+                               unknown_pert=unknown_pert)
+        cov = {"pert": cv.pert, "context": cv.context, "batch": cv.batch, "dose": cv.dose}
+        if doses is not None:
+            index = {d: i for i, d in enumerate(self.vocab.dose)}
+            cov["dose"] = np.asarray([index[doses[i]] for i in plan.cond.tolist()], np.int64)
+        return cov
+
+    def sample_settings(self, *, guidance: float | None = None, steps: int | None = None,
+                        start: str | None = None) -> SampleConfig:
+        """The run's sampler settings with those given (None keeps the run's), checked like any config value."""
+        return sample_settings(self.cfg.sample, guidance=guidance, steps=steps, start=start)
+
+    def predict(self, conditions: Sequence[Condition] | None = None, *, subset: str = "test",
+                adata: AnnData | None = None, n_cells: int | Sequence[int] | None = None, n_samples: int = 1,
+                guidance: float | None = None, steps: int | None = None, start: str | None = None,
+                seed: int = 0, include_controls: bool = True, progress: bool = True,
+                device: str | torch.device | None = None, unknown_perturbations: str = "error",
+                missing_genes: str = "error") -> AnnData:
+        """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout.
+
+        A perturbation part never seen in training (and absent from the embedding table) is an error naming it;
+        ``unknown_perturbations="generic"`` instead predicts it as the generic perturbation token (logged).
+        ``adata``'s genes are matched to the run's by name; genes it lacks are an error naming them, or zeros with
+        ``missing_genes="zero"`` (warned about when more than a few).
+        """
+        adata = adata if adata is not None else self.adata
+        if adata is None:
+            raise DataError("predict needs an AnnData with control cells (pass adata=)")
+        check_counts(n_samples=n_samples, n_cells=n_cells)
+        adata = align_genes(adata, self.genes, missing_genes=missing_genes)
+        if conditions is None:
+            if self.split is None:
+                raise DataError("no conditions given and the model has no split")
+            conditions = self.split.subset(subset)
+        conditions = [(tuple(map(str, c)), str(p)) for c, p in conditions]
+        if not conditions:
+            raise DataError(f"no conditions to predict (subset {subset!r} is empty)")
+        if unknown_perturbations != "generic":  # every condition no route can represent, in one line, up front
+            unseen = self.vocab.unseen_parts([p for _, p in conditions])
+            if unseen:
+                raise unseen_error(unseen, [c for c in conditions if c[1] in unseen])
+        index = CellSetIndex.build(adata, self.keys, conditions)
+        pools = [index.control_pool(i) for i in range(len(conditions))]
+        counts = cells_to_generate(n_cells, conditions, split=self.split, subset=subset,
+                                   observed=[len(g) or len(p) for g, p in zip(index.groups, pools)])
+        settings = self.sample_settings(guidance=guidance, steps=steps, start=start)
+        parts = self._cells(adata, conditions, pools, counts, settings=settings, n_samples=n_samples, seed=seed,
+                            progress=progress, device=device, unknown_pert=unknown_perturbations)
+        n = len(conditions)
+        pred = assemble([(j % n, j // n, self.codec.from_model(c)) for j, c in enumerate(parts)], conditions,
+                        self.genes, self.keys.pert_key, self.keys.context_keys)
+        if include_controls:
+            pred = with_real_controls(pred, adata, self.keys, {c for c, _ in conditions})
+        pred.uns["perturbdiff"] = output_uns(self.record, **sampler_settings(settings, n_samples=n_samples, seed=seed))
+        return pred
+
+    def predict_for_controls(self, controls: AnnData, perturbations: Sequence[str], **kw) -> AnnData:
+        """Predict responses for your own control cells (see :func:`perturbdiff.model.predict_for_controls`)."""
+        from perturbdiff.model._controls import predict_for_controls
+
+        return predict_for_controls(self, controls, perturbations, **kw)
+
+    # -- what it knows ---------------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What the model knows: genes, perturbations, contexts, preprocessing, split, versions."""
+        seen = self.summary.get("seen_perturbations", self.vocab.perturbations)
+        contexts = {k: v[1:] for k, v in zip(self.keys.context_keys, self.vocab.contexts)}
+        return {**super().info(), "n_genes": len(self.genes), "genes": self.genes, "perturbations": seen,
+                "representable": self.vocab.perturbations, "control": self.vocab.control, "contexts": contexts,
+                "batches": self.vocab.batch[1:], "keys": self.keys.to_dict(), "record": self.record,
+                "split": self.split.summary() if self.split else None}
+
+
+class _WithNetwork:
+    """A run seen with other weights (the validator scores the EMA copy)."""
+
+    def __init__(self, run: Run, network: torch.nn.Module):
+        self.network, self.process, self.codec = network, run.process, run.codec
+
+
+def _check_gene_selection(record: dict, n_train: int, n_obs: int) -> None:
+    """Warn when the genes were chosen as HVGs of more cells than the split may learn from (test cells
+    included: SPEC §1 wants them chosen on training cells only)."""
+    sel = record.get("gene_selection") or {}
+    n_sel = sel.get("n_train_cells")
+    if sel.get("method") == "hvg" and n_sel is not None and int(n_sel) > n_train:
+        warn(f"the genes were chosen as HVGs of {n_sel} cells, but this split may learn from {n_train} of the "
+             f"{n_obs}: held-out cells shaped the gene selection; preprocess the raw file with this split "
+             "(perturbdiff preprocess --split, or preprocess(..., split=)) to choose them on training cells only")
+
+
+def _check_test_representable(vocab: Vocab, split: Split) -> None:
+    """Name, before training, every test condition whose perturbation no route can represent."""
+    unseen = vocab.unseen_parts([p for _, p in split.test])
+    if unseen:
+        err = unseen_error(unseen, [c for c in split.test if c[1] in unseen])
+        warn(f"known before training: {err.for_cli() if is_cli() else err}")
