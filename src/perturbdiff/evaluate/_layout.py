@@ -15,10 +15,9 @@ from anndata import AnnData
 
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
-from perturbdiff.data import DataKeys, Split
+from perturbdiff.data import DataKeys, Split, condition_codes, labels
 
-# not yet on perturbdiff.data's public face (its _WHERE): import from there once they are
-from perturbdiff.data._split import condition_codes, labels
+# not yet on perturbdiff.data's public face (its _WHERE): import from there once it is
 from perturbdiff.data._validate import value_stats
 
 SAMPLE_COL = "sample"  # obs column of predictions that hold several sampled response distributions
