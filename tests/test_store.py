@@ -27,6 +27,7 @@ from perturbdiff.data import (
     open_store,
     preprocess,
     row_mean,
+    training_mask,
     write_store,
 )
 from perturbdiff.datasets import read_h5ad
@@ -173,10 +174,8 @@ def test_cli_preprocess_store_matches_in_memory(counts_file, synthetic_counts, s
     assert f"wrote {out}: 600 cells x 50 genes" in capsys.readouterr().out
     st = read_h5ad(out)  # a store directory opens lazily wherever an .h5ad is read
     assert isinstance(st, CellStore)
-    from perturbdiff.cli.preprocess import _train_mask
-
     ref = preprocess(synthetic_counts, synthetic_keys, n_hvg=50,
-                     train_mask=_train_mask(synthetic_counts, synthetic_keys, split))
+                     train_mask=training_mask(synthetic_counts, synthetic_keys, split))
     assert list(st.var_names) == list(ref.var_names)  # chunked seurat HVGs == scanpy's
     sel = get_record(st)["gene_selection"]
     assert sel["moments"] == "chunked" and sel["n_train_cells"] == get_record(ref)["gene_selection"]["n_train_cells"]

@@ -17,25 +17,7 @@ from anndata import AnnData
 
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import logger
-from perturbdiff.data._keys import DataKeys
-from perturbdiff.data._split import Condition, Split, condition_codes
-
-Context = tuple[str, ...]
-
-
-def group_means(X, codes: np.ndarray, n_groups: int) -> np.ndarray:
-    """Pseudobulk of every group by one sparse indicator product M = D⁻¹·1[code]·X (code < 0 ignored)."""
-    keep = np.flatnonzero(codes >= 0)
-    counts = np.bincount(codes[keep], minlength=n_groups).astype(np.float64)
-    weights = 1.0 / np.maximum(counts, 1.0)
-    ind = sp.csr_matrix((weights[codes[keep]], (codes[keep], keep)), shape=(n_groups, X.shape[0]))
-    out = ind @ X  # (K, G)
-    return np.asarray(out.toarray() if sp.issparse(out) else out, dtype=np.float64)
-
-
-def split_parts(pert: str) -> list[str]:
-    """Parts of a combination label ``A+B``."""
-    return [p for p in str(pert).split("+") if p]
+from perturbdiff.data import Condition, Context, DataKeys, Split, condition_codes, group_means, pert_parts
 
 
 @dataclass
@@ -168,7 +150,7 @@ class _Baseline:
         """Parts of ``cond``'s label with a trained effect; unseen parts count as no effect (logged). None
         known: DataError, or no effect at all with ``unseen="zero"``."""
         ctx, pert = cond
-        parts = [p for p in split_parts(pert) if p != self.state.keys.control_value]
+        parts = [p for p in pert_parts(pert) if p != self.state.keys.control_value]
         missing = [p for p in parts if not known(p)]
         if missing and len(missing) == len(parts) and self.unseen == "error":
             raise DataError(
@@ -305,7 +287,7 @@ class LinearBaseline(_Baseline):
 
         st = self.state
         conds = list(st.train_mean)
-        self._parts = sorted({p for _, pert in conds for p in split_parts(pert) if p != st.keys.control_value})
+        self._parts = sorted({p for _, pert in conds for p in pert_parts(pert) if p != st.keys.control_value})
         self._ctx_values = [sorted({c[j] for c, _ in conds}) for j in range(len(st.keys.context_keys))]
         features = self._features(conds)  # (K, F)
         targets = np.stack([st.shift(c) for c in conds])  # (K, G)

@@ -8,12 +8,17 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
-
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._io import atomic_write
-from perturbdiff.data import DataKeys, Split, preprocess, preprocess_store, write_store
-from perturbdiff.data._split import condition_codes  # per-cell codes without per-cell tuples
+from perturbdiff.data import (
+    DataKeys,
+    Split,
+    condition_codes,  # per-cell codes without per-cell tuples
+    preprocess,
+    preprocess_store,
+    training_mask,
+    write_store,
+)
 from perturbdiff.datasets import read_h5ad
 
 
@@ -38,15 +43,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "row chunks: the input is never loaded whole); train/predict accept DIR in place of an .h5ad")
     p.add_argument("--chunk-cells", type=int, default=20_000,
                    help="cells per chunk when --store reads the input without --out (bounds memory)")
-
-
-def _train_mask(adata, keys: DataKeys, split: Split) -> np.ndarray:
-    """Cells of the split's training conditions plus every control cell. (N,) bool."""
-    split.check(adata, keys)
-    code, conditions = condition_codes(adata, keys)
-    train = set(split.train)
-    is_train = np.array([c in train or c[1] == keys.control_value for c in conditions], dtype=bool)
-    return is_train[code]
 
 
 ATLAS_PERT_KEY, ATLAS_CONTROL = "perturbation", "control"
@@ -92,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
     train_mask, var_names = None, None
     if args.split:
         split = Split.read(args.split)
+        split.check(adata, keys)
         if split.var_names:
-            split.check(adata, keys)
             var_names = split.var_names
         else:
-            train_mask = _train_mask(adata, keys, split)
+            train_mask = training_mask(adata, keys, split)
     kw = {"n_hvg": args.n_hvg, "train_mask": train_mask, "var_names": var_names, "target_sum": args.target_sum}
     if args.out:
         out = preprocess(adata, keys, **kw)

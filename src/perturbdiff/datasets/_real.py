@@ -23,7 +23,7 @@ def read_h5ad(path: str | Path, backed: bool = False) -> AnnData:
     if not path.exists():
         raise DataError(f"file not found: {path}")
     if path.is_dir():
-        from perturbdiff.data._store import MARKER, is_store, open_store
+        from perturbdiff.data import MARKER, is_store, open_store
 
         if is_store(path):
             return open_store(path)
