@@ -29,6 +29,7 @@ _WHERE = {
     "Covariates": "_vocab", "Vocab": "_vocab",
     "Context": "_split", "pert_parts": "_split",
     "check_obs": "_validate",
+    "value_stats": "_validate",
 }
 
 __all__ = list(_WHERE)
