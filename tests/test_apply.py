@@ -3,6 +3,7 @@ collapse diagnostic, CLI. One tiny model (trained on planted counts) is shared b
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from contextlib import contextmanager
@@ -13,13 +14,11 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
-import perturbdiff._apply as apply_mod
-from perturbdiff import Config, DataError, PerturbDiff
-from perturbdiff._apply import collapse_diagnostic, log2_fold_changes
+import perturbdiff.model._controls as controls_mod
+from perturbdiff import Config, DataError, PerturbDiff, collapse_diagnostic, log2_fold_changes
 from perturbdiff._logging import logger
 from perturbdiff.cli import main
-from perturbdiff.data import DataKeys, apply_record, preprocess
-from perturbdiff.data._split import Split
+from perturbdiff.data import DataKeys, Split, apply_record, preprocess
 
 N_GENES = 32
 UP, DOWN, CTX_SIG = np.arange(8), np.arange(8, 16), {"A": [], "B": np.arange(16, 24), "C": np.arange(24, 32)}
@@ -144,7 +143,7 @@ def test_unknown_perturbation_is_refused_by_name_before_any_compute(trained, mon
     def no_compute(*a, **k):
         raise AssertionError("preprocessing ran before the perturbation check")
 
-    monkeypatch.setattr(apply_mod, "apply_record", no_compute)
+    monkeypatch.setattr(controls_mod, "apply_record", no_compute)
     for bad, name in (["UP", "NOPE"], "NOPE"), (["UP+KO7"], "KO7"):
         with pytest.raises(DataError, match=name):
             model.predict_for_controls(user_controls(), bad, context_keys="donor_type", input_kind="counts")
@@ -246,7 +245,7 @@ def handmade(shifts: dict[str, np.ndarray], base: np.ndarray, ctx: str = "X", n:
     pred = AnnData(X=sp.csr_matrix(np.asarray(rows, np.float32)), obs=obs,
                    var=pd.DataFrame(index=[f"g{i}" for i in range(len(base))]))
     lay = {"context_keys": ["ct"], "pert_key": "perturbation", "control": "ctl", "dose_key": None}
-    pred.uns["perturbdiff"] = {"scale": "log1p", "apply": apply_mod.json.dumps(lay)}
+    pred.uns["perturbdiff"] = {"scale": "log1p", "apply": json.dumps(lay)}
     return pred
 
 

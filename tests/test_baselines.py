@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
-from perturbdiff._errors import ConfigError, DataError
+from perturbdiff import ConfigError, DataError
 from perturbdiff.baselines import BASELINES, AdditiveBaseline, ControlBaseline, LinearBaseline, MeanBaseline
 from perturbdiff.data import DataKeys, Split
 

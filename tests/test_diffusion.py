@@ -1,4 +1,4 @@
-"""Tests of perturbdiff.diffusion: schedule, forward process, set losses, training loss, DDIM sampler."""
+"""Tests of perturbdiff.diffusion: schedule, forward process, set losses, the VP process (loss, DDIM sampling)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import pytest
 import torch
 from torch import nn
 
-from perturbdiff.config import DiffusionConfig, ModelConfig
+from perturbdiff.config import Config, DiffusionConfig, ModelConfig, SampleConfig
+from perturbdiff.data import ScaleCodec
 from perturbdiff.diffusion import (
-    ddim_sample,
+    PROCESSES,
+    VPDiffusion,
     energy_distance,
     eps_from_x0,
+    make_process,
     make_schedule,
     q_sample,
     rbf_mmd,
     respace_timesteps,
-    sampling_timesteps,
-    training_loss,
     x0_from_eps,
 )
 from perturbdiff.nn import Denoiser
@@ -57,9 +58,10 @@ class Recorder(nn.Module):
         self.model = model
         self.calls: list[dict] = []
 
-    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None, ctrl_drop=None):
-        self.calls.append({"b": x_t.shape[0], "x_t": x_t.clone(), "x_self": x_self.clone(), "t": t.clone()})
-        return self.model(x_t, x_self, x_ctrl, t, cov, uncond, ctrl_drop)
+    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
+        self.calls.append({"b": x_t.shape[0], "x_t": x_t.clone(), "x_self": x_self.clone(), "t": t.clone(),
+                           "ctrl": x_ctrl.clone()})
+        return self.model(x_t, x_self, x_ctrl, t, cov, uncond)
 
 
 class ConstantModel(nn.Module):
@@ -69,8 +71,12 @@ class ConstantModel(nn.Module):
         super().__init__()
         self.x0 = nn.Parameter(x0.clone())
 
-    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None, ctrl_drop=None):
+    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
         return self.x0.expand(x_t.shape[0], -1, -1)
+
+
+def training_loss(model, batch, cfg: DiffusionConfig, generator=None):
+    return VPDiffusion(cfg).loss(model, batch, generator)
 
 
 def reference_ed(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -109,10 +115,11 @@ def test_eps_x0_round_trip():
 def test_respacing():
     ts = respace_timesteps(1000, 50)
     assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
-    assert sampling_timesteps(SCHED, 50, "truncated", 99) == list(range(99, -1, -1))
+    vp = VPDiffusion(DiffusionConfig())
+    assert vp.timesteps(SampleConfig(start="truncated", truncated_start_t=99)) == list(range(99, -1, -1))
     assert len(respace_timesteps(10, 50)) == 10
     with pytest.raises(ValueError, match="sideways"):
-        sampling_timesteps(SCHED, 50, "sideways", 99)
+        vp.timesteps(SampleConfig(start="sideways"))
 
 
 # -- set losses ------------------------------------------------------------------------------------
@@ -165,7 +172,7 @@ def test_rbf_mmd_orders_shifts_and_masks():
 def test_training_loss_backward_finite_and_self_conditioning():
     model, batch = Recorder(tiny_model()), make_batch()
     cfg = DiffusionConfig(self_cond_prob=1.0, p_uncond=0.5, mean_weight=0.0)
-    loss, parts = training_loss(model, SCHED, batch, cfg, torch.Generator().manual_seed(0))
+    loss, parts = training_loss(model, batch, cfg, torch.Generator().manual_seed(0))
     loss.backward()
     assert set(parts) == {"mse", "ed", "loss"} and parts["ed"] > 0
     assert abs(parts["loss"] - (parts["mse"] + parts["ed"])) < 1e-5
@@ -173,23 +180,23 @@ def test_training_loss_backward_finite_and_self_conditioning():
     assert len(model.calls) == 2
     assert not model.calls[0]["x_self"].any() and model.calls[1]["x_self"].any()
     model.calls.clear()
-    training_loss(model, SCHED, batch, DiffusionConfig(self_cond_prob=0.0))
+    training_loss(model, batch, DiffusionConfig(self_cond_prob=0.0))
     assert len(model.calls) == 1 and not model.calls[0]["x_self"].any()
 
 
 def test_set_mean_term_adds_the_weighted_pseudobulk_error():
     model, batch = tiny_model(), make_batch()
     cfg = DiffusionConfig(mean_weight=2.0)
-    _, parts = training_loss(model, SCHED, batch, cfg, torch.Generator().manual_seed(0))
+    _, parts = training_loss(model, batch, cfg, torch.Generator().manual_seed(0))
     assert parts["mean"] > 0
     assert abs(parts["loss"] - (parts["mse"] + parts["ed"] + 2.0 * parts["mean"])) < 1e-5
 
 
 def test_training_loss_deterministic_for_generator():
     model, batch, cfg = tiny_model(), make_batch(), DiffusionConfig()
-    a = training_loss(model, SCHED, batch, cfg, torch.Generator().manual_seed(5))[1]
-    b = training_loss(model, SCHED, batch, cfg, torch.Generator().manual_seed(5))[1]
-    c = training_loss(model, SCHED, batch, cfg, torch.Generator().manual_seed(6))[1]
+    a = training_loss(model, batch, cfg, torch.Generator().manual_seed(5))[1]
+    b = training_loss(model, batch, cfg, torch.Generator().manual_seed(5))[1]
+    c = training_loss(model, batch, cfg, torch.Generator().manual_seed(6))[1]
     assert a == b and a != c
 
 
@@ -197,37 +204,37 @@ def test_training_loss_ignores_padded_cells_and_masked_genes():
     batch = make_batch()
     batch["gene_mask"] = (torch.arange(G) < 6).expand(B, G)
     model = ConstantModel(torch.rand(S, G, generator=torch.Generator().manual_seed(1)))
-    cfg = DiffusionConfig(self_cond_prob=0.0)
-    ref = training_loss(model, SCHED, batch, cfg)[1]
+    cfg = DiffusionConfig(self_cond_prob=0.0, control_skip=False)
+    ref = training_loss(model, batch, cfg)[1]
     changed = {**batch, "target": batch["target"].clone()}
     changed["target"][:, S - 2 :] += 5.0  # padded cells
     changed["target"][:, :, 6:] += 5.0  # genes outside the mask
-    out = training_loss(model, SCHED, changed, cfg)[1]
+    out = training_loss(model, changed, cfg)[1]
     assert out == pytest.approx(ref, rel=1e-5)
     changed["target"][:, 0, 0] += 1.0  # a real cell on a kept gene
-    assert training_loss(model, SCHED, changed, cfg)[1]["mse"] != pytest.approx(ref["mse"])
+    assert training_loss(model, changed, cfg)[1]["mse"] != pytest.approx(ref["mse"])
 
 
 def test_training_loss_control_dropout_and_autocast():
     model, batch = Recorder(tiny_model()), make_batch()
     cfg = DiffusionConfig(self_cond_prob=0.0, p_drop_control=1.0, p_uncond=1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = training_loss(model, SCHED, batch, cfg)
+        loss, _ = training_loss(model, batch, cfg)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     zero = make_batch()
     zero["control"] = torch.zeros_like(zero["control"])
     g = torch.Generator
-    a = training_loss(tiny_model(), SCHED, batch, cfg, g().manual_seed(0))[1]
-    b = training_loss(tiny_model(), SCHED, zero, cfg, g().manual_seed(0))[1]
+    a = training_loss(tiny_model(), batch, cfg, g().manual_seed(0))[1]
+    b = training_loss(tiny_model(), zero, cfg, g().manual_seed(0))[1]
     assert a == pytest.approx(b)
 
 
 # -- sampling --------------------------------------------------------------------------------------
-def sample(model, seed, **kw):
+def sample(model, seed, *, codec=None, control_skip=True, **kw):
     batch = make_batch()
-    return ddim_sample(
-        model, SCHED, batch["control"], cov_of(batch), generator=torch.Generator().manual_seed(seed), **kw
-    )
+    process = make_process(DiffusionConfig(control_skip=control_skip), codec)
+    return process.sample(model, batch["control"], cov_of(batch), SampleConfig(**kw),
+                          generator=torch.Generator().manual_seed(seed))
 
 
 def test_ddim_deterministic_per_generator():
@@ -255,17 +262,37 @@ def test_ddim_update_keeps_noise_for_a_constant_predictor():
     """With x̂0 fixed, deterministic DDIM keeps ε̂ equal to the initial noise at every step (η = 0)."""
     x0 = torch.rand(S, G, generator=torch.Generator().manual_seed(4))
     rec = Recorder(ConstantModel(x0))
-    out = sample(rec, 7, steps=6)
+    out = sample(rec, 7, steps=6, control_skip=False)
     eps = [eps_from_x0(SCHED, c["x_t"], c["t"], x0.expand(B, -1, -1)) for c in rec.calls]
     noise = torch.randn(B, S, G, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(rec.calls[0]["x_t"], noise)  # starts from pure noise
     for e in eps[1:]:
         torch.testing.assert_close(e, eps[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out, x0.masked_fill(x0 < 1e-4, 0).expand(B, -1, -1))
+    torch.testing.assert_close(out, x0.expand(B, -1, -1))
 
 
-def test_ddim_threshold_and_clip():
-    model = tiny_model()
-    out = sample(model, 0, steps=3, guidance=2.0, zero_threshold=0.05, clip_max=0.3)
+def test_the_codec_bounds_sampling_and_floors_its_output():
+    codec = ScaleCodec(clip_max=0.3, zero_threshold=0.05, auto_zero=False)
+    out = codec.zero_floor(sample(tiny_model(), 0, steps=3, guidance=2.0, codec=codec))
     assert (out >= 0).all() and out.max() <= 0.3
     assert not ((out > 0) & (out < 0.05)).any()
+
+
+def test_the_output_form_belongs_to_the_process_not_the_network():
+    """The network's raw output may be negative; the VP process adds the control mean and applies the ReLU of a
+    non-negative codec, and a signed space (nonnegative=False) keeps the sign."""
+    raw = -torch.rand(S, G, generator=torch.Generator().manual_seed(2)) - 0.5
+    batch = make_batch()
+    t = torch.full((B,), 10)
+    args = (ConstantModel(raw), torch.zeros(B, S, G), torch.zeros(B, S, G), batch["control"], t, cov_of(batch))
+    skip = batch["control"].mean(1, keepdim=True)
+    torch.testing.assert_close(VPDiffusion(DiffusionConfig()).predict_x0(*args), torch.relu(raw + skip))
+    signed = VPDiffusion(DiffusionConfig(control_skip=False), nonnegative=False).predict_x0(*args)
+    torch.testing.assert_close(signed, raw.expand(B, -1, -1))
+    dropped = VPDiffusion(DiffusionConfig()).predict_x0(*args, ctrl_drop=torch.ones(B, dtype=torch.bool))
+    torch.testing.assert_close(dropped, torch.relu(raw).expand(B, -1, -1))  # no controls, no skip
+
+
+def test_the_configured_process_kind_is_built():
+    assert isinstance(make_process(Config().diffusion), PROCESSES["vp"])
+    assert Config().diffusion.process == "vp"

@@ -19,8 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import perturbdiff
 from perturbdiff import Config, DataError, PerturbDiff
-from perturbdiff.data import CellSetDataset, CellSetIndex, make_split
-from perturbdiff.data._sets import shard_batches
+from perturbdiff.data import CellSetDataset, CellSetIndex, make_split, shard_batches
 from perturbdiff.train import Trainer, load_checkpoint
 
 B, ACCUM, K = 2, 2, 2  # sets per rank and micro-batch, micro-batches per step, steps before the checkpoint
@@ -63,8 +62,8 @@ def _trainer(prep, split, cfg: Config, out: Path | None) -> tuple[Trainer, Recor
     model = PerturbDiff.from_config(cfg, prep, split)
     index = CellSetIndex.build(prep, model.keys, split.train)
     ds = Recording(CellSetDataset(prep, index, model.vocab, set_size=cfg.data.set_size, seed=cfg.train.seed,
-                                  control_set_fraction=cfg.data.control_set_fraction, scale=model.scale))
-    return Trainer(model.network, cfg, ds, meta=model._meta, out_dir=out, device="cpu"), ds
+                                  control_set_fraction=cfg.data.control_set_fraction, codec=model.codec))
+    return Trainer(model.network, model.process, ds, cfg, meta=model._meta, out_dir=out, device="cpu"), ds
 
 
 def _worker(rank: int, port: int, prep, split, cfg: Config, out: Path, total: int) -> None:
@@ -192,8 +191,8 @@ def test_world_size_changes_at_step_boundaries_keep_each_set_once():
 def test_too_few_sets_for_the_processes_is_an_error_not_a_hang(setup):
     prep, split, cfg, _ = setup
     trainer, ds = _trainer(prep, split, cfg, None)
-    trainer.dataset = torch.utils.data.Subset(ds, [])  # an epoch of no sets
-    trainer.dataset.set_epoch = ds.set_epoch
+    trainer.loader.dataset = torch.utils.data.Subset(ds, [])  # an epoch of no sets
+    trainer.loader.dataset.set_epoch = ds.set_epoch
     with pytest.raises(DataError, match="0 sets"):
         trainer.fit(1, progress=False)
 

@@ -15,8 +15,7 @@ import pytest
 
 from perturbdiff import Config, ConfigError, DataError, OutputError
 from perturbdiff.cli import main
-from perturbdiff.data import DataKeys, Split, get_record, make_split, preprocess
-from perturbdiff.data._split import training_mask
+from perturbdiff.data import DataKeys, Split, get_record, make_split, preprocess, training_mask
 from perturbdiff.datasets import simulate
 
 KEYS = DataKeys("perturbation", "control", ("cell_type",), "counts", batch_key="batch")
@@ -142,7 +141,7 @@ def test_val_and_test_overlap_is_refused(flow):
 
 # -- the config, validated before any work ------------------------------------------------------------------------
 @pytest.mark.parametrize("override, message", [
-    ("diffusion.sampler_start=fulll", "diffusion.sampler_start = 'fulll' (one of full, truncated)"),
+    ("sample.start=fulll", "sample.start = 'fulll' (one of full, truncated)"),
     ("train.lr=abc", "'train.lr' needs a number, got 'abc'"),
     ("model.qk_norm=maybe", "'model.qk_norm' needs true or false"),
     ("train.max_steps=0", "train.max_steps = 0 (at least 1)"),
@@ -327,7 +326,7 @@ def test_config_command_prints_the_resolved_config_and_the_keys(capsys):
     cfg = Config.from_dict(__import__("tomllib").loads(out))
     assert cfg.preset == "small" and cfg.model.hidden == 128 and cfg.model.qk_norm is False
     code, out, _ = _run(["config", "--keys"], capsys)
-    assert code == 0 and "diffusion.sampler_start = 'full'" in out and "train.ema_warmup = True" in out
+    assert code == 0 and "sample.start = 'full'" in out and "train.ema_warmup = True" in out
 
 
 def test_help_shows_defaults_and_checkpoint_rules(capsys):
@@ -341,20 +340,20 @@ def test_help_shows_defaults_and_checkpoint_rules(capsys):
 
 
 def test_the_collapse_warning_names_the_cli_flag_under_the_cli(capsys):
-    import pandas as pd
-
-    from perturbdiff._apply import _warn_collapse
+    from perturbdiff import collapse_diagnostic
     from perturbdiff._logging import end_cli_logging, setup_cli_logging
+    from test_apply import handmade
 
-    report = pd.DataFrame({"context": ["A"], "n_perturbations": [3], "min_r": [0.99], "reference_r": [np.nan],
-                           "collapsed": [True]})
+    base = np.linspace(0.0, 1.0, 12)
+    shift = np.sin(np.arange(12.0))
+    pred = handmade({"A": shift, "B": 1.01 * shift, "C": 0.99 * shift}, base)  # three near-identical responses
     setup_cli_logging()
     try:
-        _warn_collapse(report, 0.95, checked=False)
+        collapse_diagnostic(pred)
         err = capsys.readouterr().err
         assert err.count("nearly identical") == 1 and "--reference TRAIN.h5ad" in err and "reference=" not in err
     finally:
         end_cli_logging()
         logging.getLogger("perturbdiff").handlers[:] = [logging.NullHandler()]
     with pytest.warns(UserWarning, match="pass reference="):
-        _warn_collapse(report, 0.95, checked=False)
+        collapse_diagnostic(pred)

@@ -47,13 +47,14 @@ def randomized(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
     return model.eval()
 
 
-def test_forward_shape_and_nonnegative():
+def test_forward_shape_and_a_signed_raw_output():
+    """The network is a plain module: its raw head is signed (the output form is the process's), and not all
+    negative at init, so the process's ReLU lets the output head learn."""
     model = Denoiser(tiny_cfg(), G, VOCAB)
     out = model(*make_inputs())
     assert out.shape == (B, S, G)
     assert out.dtype == torch.float32
-    assert (out >= 0).all()
-    assert (out > 0).any(), "ReLU output is all zero at init: the output head would get no gradient"
+    assert (out > 0).any() and (out < 0).any()
 
 
 def test_blocks_are_identity_at_init():
@@ -112,15 +113,6 @@ def test_uncond_rows_ignore_covariates():
     b = model(x_t, x_self, x_ctrl, t, other, uncond)
     torch.testing.assert_close(a[uncond], b[uncond])
     assert not torch.allclose(a[~uncond], b[~uncond])
-
-
-def test_ctrl_drop_equals_zero_control():
-    model = randomized(Denoiser(tiny_cfg(), G, VOCAB))
-    x_t, x_self, x_ctrl, t, cov = make_inputs()
-    drop = torch.tensor([False, True, False])
-    zeroed = x_ctrl.clone()
-    zeroed[1] = 0
-    torch.testing.assert_close(model(x_t, x_self, x_ctrl, t, cov, ctrl_drop=drop), model(x_t, x_self, zeroed, t, cov))
 
 
 def test_perturbation_parts_sum_and_padding():
@@ -183,10 +175,3 @@ def test_preset_parameter_counts_on_meta():
     assert 90e6 <= counts["base"] <= 120e6
 
 
-def test_control_skip_adds_the_control_mean_profile():
-    model = Denoiser(tiny_cfg(control_skip=True), G, VOCAB).eval()
-    for p in model.final.parameters():
-        torch.nn.init.zeros_(p)
-    x_t, x_self, x_ctrl, t, cov = make_inputs()
-    out = model(x_t, x_self, x_ctrl, t, cov)
-    torch.testing.assert_close(out, x_ctrl.mean(1, keepdim=True).expand_as(out))

@@ -7,18 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from perturbdiff import CheckpointError, ConfigError, DataError, PerturbDiff
-from perturbdiff._pretrain import Pretrained, finetune
+from perturbdiff import CheckpointError, ConfigError, DataError, PerturbDiff, Pretrained, finetune
 from perturbdiff.cli import main
 from perturbdiff.config import Config
-from perturbdiff.data import make_split
-from perturbdiff.data._marginal import MarginalSetDataset, gene_masks, gene_vocabulary, marginal_source
+from perturbdiff.data import MarginalSetDataset, gene_masks, gene_vocabulary, make_split, marginal_source
 from perturbdiff.datasets import simulate_atlas
-from perturbdiff.diffusion import make_schedule, training_loss
+from perturbdiff.diffusion import VPDiffusion
 
 TINY = {"model.hidden": 16, "model.depth": 1, "model.heads": 2, "model.cov_dim": 8, "data.set_size": 8,
         "data.batch_sets": 4, "train.val_every": 1000, "train.log_every": 1, "train.warmup_steps": 1,
-        "diffusion.sampler_steps": 4, "diffusion.sampler_start": "full"}
+        "sample.steps": 4, "sample.start": "full"}
 
 
 def tiny_cfg(**extra) -> Config:
@@ -103,15 +101,15 @@ def test_masked_loss_ignores_absent_genes():
             super().__init__()
             self.out, self.w = out, torch.nn.Parameter(torch.ones(()))
 
-        def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None, ctrl_drop=None):
+        def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
             return self.out * self.w
 
     def loss(pred, tgt):
         batch = {"target": tgt, "control": torch.zeros(B, S, G), "gene_mask": mask,
                  "pert": torch.zeros(B, 1, dtype=torch.long), "context": torch.zeros(B, 1, dtype=torch.long),
                  "batch": torch.zeros(B, dtype=torch.long), "dose": torch.zeros(B, dtype=torch.long)}
-        cfg = Config().diffusion
-        return training_loss(Const(pred), make_schedule(100), batch, cfg, torch.Generator().manual_seed(0))[1]
+        cfg = Config().update({"diffusion.timesteps": 100}).diffusion
+        return VPDiffusion(cfg).loss(Const(pred), batch, torch.Generator().manual_seed(0))[1]
 
     base = loss(fixed, target)
     other_pred, other_target = fixed.clone(), target.clone()

@@ -13,8 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from perturbdiff._logging import logger
-from perturbdiff.data import CellSetDataset, CellSetIndex, Vocab, make_loader
-from perturbdiff.data._keys import DataKeys
+from perturbdiff.data import CellSetDataset, CellSetIndex, DataKeys, Vocab, make_loader
 
 KEYS = DataKeys("perturbation", "control", ("cell_type",), "log1p", batch_key="batch")
 S = 8

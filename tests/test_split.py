@@ -12,9 +12,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from perturbdiff._errors import DataError
-from perturbdiff.data import STRATEGIES, Split, condition_labels, make_split
-from perturbdiff.data._keys import DataKeys
+from perturbdiff import DataError
+from perturbdiff.data import STRATEGIES, DataKeys, Split, condition_labels, make_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
 PERTS = ["A", "B", "C", "D", "E", "F", "A+B", "C+D", "E+F", "A+G"]  # G is never measured alone

@@ -134,7 +134,7 @@ def test_prefetch_page_runs_cover_exactly_the_rows_pages():
 def _tiny() -> Config:
     return Config.from_preset("tiny").update({
         "data": {"set_size": 8, "batch_sets": 4},
-        "diffusion": {"sampler_start": "full", "sampler_steps": 2},
+        "sample": {"start": "full", "steps": 2},
         "train": {"max_steps": 3, "val_every": 3, "warmup_steps": 1, "val_max_conditions": 2, "log_every": 1}})
 
 
@@ -143,7 +143,7 @@ def test_train_and_predict_from_store(store, synthetic_prep, synthetic_keys):
     models = []
     for data in (synthetic_prep, store):  # from_config seeds torch: each run starts from the same global RNG state
         models.append(PerturbDiff.from_config(_tiny(), data, split).train(progress=False, device="cpu"))
-    assert models[0].clip_max == models[1].clip_max and models[0].zero_level == models[1].zero_level
+    assert models[0].codec == models[1].codec  # the same bounds and zero level, the store's read in chunks
     for (k, a), b in zip(models[0].network.state_dict().items(), models[1].network.state_dict().values()):
         torch.testing.assert_close(a, b, msg=k)  # same cells in the same sets: the same training run
     preds = [m.predict(n_cells=5, progress=False, device="cpu") for m in models]
@@ -192,7 +192,7 @@ def test_cli_out_and_store_then_train_and_predict(counts_file, synthetic_counts,
     run = tmp_path / "run"
     assert main(["train", str(st), "--split", str(tmp_path / "split.json"), "--preset", "tiny", "--max-steps", "2",
                  "--set", "data.set_size=8", "--set", "train.val_max_conditions=1", "--set",
-                 "diffusion.sampler_start='full'", "--set", "diffusion.sampler_steps=2", "--device", "cpu",
+                 "sample.start='full'", "--set", "sample.steps=2", "--device", "cpu",
                  "--no-progress", "--out", str(run)]) == 0
     assert main(["predict", str(run), "--data", str(st), "--n-cells", "3", "--device", "cpu", "--no-progress",
                  "--out", str(tmp_path / "pred.h5ad")]) == 0

@@ -11,8 +11,7 @@ from anndata import AnnData
 
 import perturbdiff.train._checkpoint as ckpt
 from perturbdiff import CheckpointError, Config, DataError, PerturbDiff
-from perturbdiff.data import DataKeys, preprocess
-from perturbdiff.data._split import Split
+from perturbdiff.data import DataKeys, Split, preprocess
 from perturbdiff.train import Trainer, load_checkpoint, lr_factor
 
 SHIFTED = np.arange(8)  # genes the perturbation "UP" raises
@@ -191,7 +190,7 @@ def test_external_embedding_table_makes_an_unseen_perturbation_representable(tmp
 
 # -- regression tests of the correctness review (issue 11) ---------------------------------------------------------
 def test_ema_warmup_forgets_the_random_initialisation():
-    from perturbdiff.train._ema import EMA
+    from perturbdiff.train import EMA
 
     net = torch.nn.Linear(4, 4, bias=False)
     with torch.no_grad():
@@ -219,7 +218,7 @@ def _scripted_validator(scores):
 
 def test_after_train_the_object_holds_the_best_checkpoints_weights(tmp_path, monkeypatch):
     from perturbdiff.cli import main
-    from perturbdiff.train._checkpoint import split_prefix
+    from perturbdiff.train import split_prefix
 
     adata, split = planted_data(n_per_group=40)
     monkeypatch.setattr(PerturbDiff, "_validator", _scripted_validator([1.0, 0.5, 2.0]))  # best at step 4 of 6
@@ -273,7 +272,7 @@ def test_no_weight_decay_on_biases_and_norms_by_role():
 
 
 def test_both_self_conditioning_passes_see_one_label_dropout():
-    from perturbdiff.diffusion import make_schedule, training_loss
+    from perturbdiff.diffusion import make_process
     from perturbdiff.nn import Denoiser
 
     cfg = Config.from_preset("tiny").update({"model": {"context_dropout": 0.5, "pert_dropout": 0.5,
@@ -288,7 +287,7 @@ def test_both_self_conditioning_passes_see_one_label_dropout():
              "pert": torch.randint(3, 8, (B, 2)), "context": torch.randint(1, 4, (B, 1)),
              "batch": torch.randint(1, 3, (B,)), "dose": torch.zeros(B, dtype=torch.long)}
     torch.manual_seed(0)
-    training_loss(net, make_schedule(1000), batch, cfg.diffusion, generator=torch.Generator().manual_seed(0))
+    make_process(cfg.diffusion).loss(net, batch, generator=torch.Generator().manual_seed(0))
     assert len(seen) == 6
     for first, second in zip(seen[:3], seen[3:]):
         assert torch.equal(first, second)
@@ -304,8 +303,8 @@ def test_training_draws_do_not_depend_on_unsaved_generator_state(tmp_path):
 
     def losses(disturb: bool):
         model = PerturbDiff.from_config(cfg, adata, split)
-        trainer = Trainer(model.network, model.cfg, _dataset(model), meta=model._meta)
-        batches = trainer._batches()
+        trainer = Trainer(model.network, model.process, _dataset(model), model.cfg, meta=model._meta)
+        batches = trainer.loader.stream()
         out = []
         for _ in range(4):
             if disturb:
@@ -317,11 +316,11 @@ def test_training_draws_do_not_depend_on_unsaved_generator_state(tmp_path):
 
 
 def _dataset(model: PerturbDiff):
-    from perturbdiff.data._sets import CellSetDataset, CellSetIndex
+    from perturbdiff.data import CellSetDataset, CellSetIndex
 
     index = CellSetIndex.build(model.adata, model.keys, model.split.train)
     return CellSetDataset(model.adata, index, model.vocab, set_size=model.cfg.data.set_size, seed=0,
-                          control_set_fraction=model.cfg.data.control_set_fraction, scale=model.scale)
+                          control_set_fraction=model.cfg.data.control_set_fraction, codec=model.codec)
 
 
 def test_without_a_run_directory_train_also_keeps_the_best_weights(monkeypatch):

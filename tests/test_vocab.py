@@ -10,9 +10,8 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from perturbdiff._errors import DataError
-from perturbdiff.data import Vocab
-from perturbdiff.data._keys import DataKeys
+from perturbdiff import DataError
+from perturbdiff.data import DataKeys, Vocab
 
 KEYS = DataKeys("perturbation", "control", ("cell_type",), "log1p", batch_key="batch", dose_key="dose")
 

@@ -15,10 +15,9 @@ from anndata import AnnData
 
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
-from perturbdiff.data import DataKeys, Split, condition_codes, labels
+from perturbdiff.data import DataKeys, Split, condition_codes, labels, value_stats
 
 # not yet on perturbdiff.data's public face (its _WHERE): import from there once it is
-from perturbdiff.data._validate import value_stats
 
 SAMPLE_COL = "sample"  # obs column of predictions that hold several sampled response distributions
 JOINED_CONTEXT_COL = "context"  # added when there are several context columns
