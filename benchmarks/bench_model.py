@@ -11,8 +11,8 @@ set size S, on random model-space data. Thread counts are interleaved inside eac
 that time. Training = `Trainer.train_step` (training_loss with self-conditioning + energy distance, backward,
 clip, AdamW, EMA). Model FLOPs per step = 4 × forward (forward + backward ≈ 3 forwards, + the no-grad
 self-conditioning forward); a forward counts 2·m·n·k per Linear and 4·S²·d per head and layer of attention.
-Sampling calls `ddim_sample`; where a full call would exceed the time budget, a shortened call of the same sampler
-(k network evaluations) is timed and scaled to the full count (cost per evaluation does not depend on t).
+Sampling calls the process's `sample` (DDIM); where a full call would exceed the time budget, a shortened call of the
+same sampler (k network evaluations) is timed and scaled to the full count (cost per evaluation does not depend on t).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from perturbdiff.config import Config, ModelConfig
-from perturbdiff.diffusion import ddim_sample, make_schedule, sampling_timesteps
+from perturbdiff.config import Config, ModelConfig, SampleConfig
+from perturbdiff.diffusion import make_process
 from perturbdiff.nn import Denoiser, count_parameters
 from perturbdiff.train import Trainer
 
@@ -84,7 +84,7 @@ def make_batch(n_sets: int, set_size: int, n_genes: int) -> dict[str, torch.Tens
 def make_trainer(cfg: Config, n_genes: int) -> Trainer:
     """The real training step: Denoiser + Trainer (AdamW groups, clip, EMA) without a data set."""
     torch.manual_seed(0)
-    return Trainer(Denoiser(cfg.model, n_genes, VOCAB_SIZES), cfg, None, meta=dict)
+    return Trainer(Denoiser(cfg.model, n_genes, VOCAB_SIZES), make_process(cfg.diffusion), None, cfg, meta=dict)
 
 
 def peak_rss_mib() -> float:
@@ -130,37 +130,39 @@ def bench_train(trainer: Trainer, batch: dict, threads: list[int], args) -> dict
 
 def sampler_modes(cfg: Config) -> list[dict]:
     """The default sampler (config defaults), a 50-step DDIM from t = T−1, and the default with guidance w = 1."""
-    d = cfg.diffusion
-    default = {"start": d.sampler_start, "steps": d.sampler_steps, "guidance": d.guidance}
+    d = cfg.sample
+    default = {"start": d.start, "steps": d.steps, "guidance": d.guidance}
     return [
-        {"name": f"{d.sampler_start} (default), w={d.guidance:g}", **default},
+        {"name": f"{d.start} (default), w={d.guidance:g}", **default},
         {"name": "full, 50 steps, w=0", "start": "full", "steps": 50, "guidance": 0.0},
-        {"name": f"{d.sampler_start}, w=1", **default, "guidance": 1.0},
+        {"name": f"{d.start}, w=1", **default, "guidance": 1.0},
     ]
 
 
-def _sample_fn(net, sched, batch: dict, mode: dict, evals: int, start_t: int) -> Callable[[], object]:
-    """A ddim_sample call of `mode` shortened to `evals` network evaluations."""
+def _sample_fn(net, process, batch: dict, mode: dict, evals: int, start_t: int) -> Callable[[], object]:
+    """A process.sample call of `mode` shortened to `evals` network evaluations."""
     cov = {k: batch[k] for k in ("pert", "context", "batch", "dose")}
     if mode["start"] == "truncated":
-        kw = {"start": "truncated", "truncated_start_t": min(start_t, evals - 1)}
+        settings = SampleConfig(start="truncated", truncated_start_t=min(start_t, evals - 1), guidance=mode["guidance"])
     else:
-        kw = {"start": "full", "steps": evals}
+        settings = SampleConfig(start="full", steps=evals, guidance=mode["guidance"])
     gen = torch.Generator().manual_seed(0)
-    return lambda: ddim_sample(net, sched, batch["control"], cov, guidance=mode["guidance"], generator=gen, **kw)
+    return lambda: process.sample(net, batch["control"], cov, settings, generator=gen)
 
 
 def bench_sample(net, cfg: Config, batch: dict, threads: list[int], args) -> list[dict]:
-    """Seconds per full ddim_sample call per mode and thread count, from the evaluations that fit the budget."""
-    sched = make_schedule(cfg.diffusion.timesteps, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
-    start_t = cfg.diffusion.truncated_start_t
+    """Seconds per full process.sample call per mode and thread count, from the evaluations that fit the budget."""
+    process = make_process(cfg.diffusion)
+    start_t = cfg.sample.truncated_start_t
     out = []
     for mode in sampler_modes(cfg):
-        n_evals = len(sampling_timesteps(sched, mode["steps"], mode["start"], start_t))
-        probe = interleaved(lambda th, m=mode: _sample_fn(net, sched, batch, m, 2, start_t), threads, 1, 0.0, warmup=0)
+        n_evals = len(process.timesteps(SampleConfig(steps=mode["steps"], start=mode["start"],
+                                                     truncated_start_t=start_t)))
+        probe = interleaved(lambda th, m=mode: _sample_fn(net, process, batch, m, 2, start_t), threads, 1, 0.0,
+                            warmup=0)
         k = {th: min(n_evals, max(2, int(args.sample_seconds / args.rounds / (ts[0] / 2)))) for th, ts in
              probe.items()}
-        times = interleaved(lambda th, m=mode, k=k: _sample_fn(net, sched, batch, m, k[th], start_t), threads,
+        times = interleaved(lambda th, m=mode, k=k: _sample_fn(net, process, batch, m, k[th], start_t), threads,
                             args.rounds, args.sample_seconds, warmup=0)
         for th, ts in times.items():
             per_eval = statistics.median(ts) / k[th]

@@ -34,8 +34,8 @@ def _cfg(args, **extra):
 
 
 def cmd_pretrain(args) -> None:
-    from perturbdiff._pretrain import Pretrained
-    from perturbdiff.data._marginal import marginal_source
+    from perturbdiff import Pretrained
+    from perturbdiff.data import marginal_source
     from perturbdiff.datasets import simulate_atlas
 
     work = Path(args.work)
@@ -57,8 +57,7 @@ def cmd_pretrain(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from perturbdiff import PerturbDiff
-    from perturbdiff._pretrain import Pretrained, finetune
+    from perturbdiff import PerturbDiff, Pretrained, finetune
 
     work = Path(args.work)
     prep, split, _ = prepare(args.split, work, Path(args.shared))
@@ -90,7 +89,7 @@ def cmd_run(args) -> None:
 def cmd_zeroshot(args) -> None:
     import torch
 
-    from perturbdiff._pretrain import Pretrained
+    from perturbdiff import Pretrained
 
     work = Path(args.work)
     prep, split, _ = prepare(args.split, work, Path(args.shared))

@@ -75,12 +75,8 @@ def run_baselines(args, prep, split, keys, out: Path) -> None:
 
 def run_model(args, prep, split, seed: int, out: Path) -> dict:
     from perturbdiff import Config, PerturbDiff
-    from perturbdiff.cli.train import _parse_value
-
     cfg = Config.from_preset(args.preset).update({"train": {"max_steps": args.steps, "seed": seed}})
-    for item in args.set:
-        key, _, value = item.partition("=")
-        cfg = cfg.update({key: _parse_value(value)})
+    cfg = cfg.with_items(args.set)
     t0 = time.perf_counter()
     model = PerturbDiff.from_config(cfg, prep, split).train(out_dir=out / "run", progress=False, resume=False)
     t_train = time.perf_counter() - t0
@@ -99,7 +95,7 @@ def run_model(args, prep, split, seed: int, out: Path) -> dict:
 
 def _spread(pred, prep, split) -> float:
     """Median over test conditions of (per-gene SD of predicted cells) / (per-gene SD of real cells)."""
-    from perturbdiff.data._split import condition_codes
+    from perturbdiff.data import condition_codes
 
     ratios = []
     ctx_col = split.context_cols[0]

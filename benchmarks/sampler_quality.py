@@ -40,8 +40,8 @@ def main() -> None:
     for spec in args.samplers.split(","):
         start, n = spec.split(":")
         n = int(n)
-        changes = {"diffusion.sampler_start": start}
-        changes["diffusion.truncated_start_t" if start == "truncated" else "diffusion.sampler_steps"] = n
+        changes = {"sample.start": start}
+        changes["sample.truncated_start_t" if start == "truncated" else "sample.steps"] = n
         model.cfg = Config.from_dict(model.cfg.to_dict()).update(changes)
         t0 = time.perf_counter()
         pred = model.predict(subset="test", seed=args.seed, progress=False)

@@ -22,8 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from perturbdiff import PerturbDiff
-from perturbdiff._apply import log2_fold_changes
+from perturbdiff import PerturbDiff, log2_fold_changes
 from perturbdiff.cli import main
 from perturbdiff.data import Split, apply_record
 from perturbdiff.datasets import read_h5ad

@@ -21,6 +21,7 @@ else:  # pragma: no cover
 from perturbdiff._errors import ConfigError
 
 SAMPLER_STARTS = ("full", "truncated")
+DEFAULT_PRESET = "small"  # what the command line trains when no preset is named
 PROCESS_KINDS = ("vp",)  # perturbdiff.diffusion.PROCESSES
 CODEC_KINDS = ("scale",)  # perturbdiff.data.CODECS
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
@@ -174,6 +175,27 @@ class Config:
             else:
                 out._set(key, value)
         return out
+
+    def with_items(self, items: list[str] | tuple[str, ...]) -> Config:
+        """A copy with ``SECTION.KEY=VALUE`` strings applied (``--set``), each value read as a TOML value
+        (``true``, ``0.5``, ``[0.9, 0.98]``; anything else is a string)."""
+        out = self
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--set needs SECTION.KEY=VALUE, got {item!r}")
+            try:
+                parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+            except tomllib.TOMLDecodeError:
+                parsed = value.strip()
+            out = out.update({key.strip(): parsed})
+        return out
+
+    @classmethod
+    def default(cls) -> Config:
+        """The default configuration of the command line and of the demo: the ``small`` preset. (``Config()`` holds
+        the ``base`` preset's values, the authors' configuration.)"""
+        return cls.from_preset(DEFAULT_PRESET)
 
     def _set(self, dotted: str, value: Any) -> None:
         dotted = RENAMED.get(dotted, dotted)  # configs and checkpoints written before the sections were split

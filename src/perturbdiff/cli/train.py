@@ -6,9 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from perturbdiff._errors import ConfigError
 from perturbdiff._logging import logger
-from perturbdiff.config import PRESETS, Config
+from perturbdiff.config import DEFAULT_PRESET, PRESETS, Config
 
 CHECKPOINTS_HELP = """checkpoints:
   OUT/last.safetensors is written every train.val_every steps, at the end and on Ctrl-C; OUT/best.safetensors
@@ -58,27 +57,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
         Config.from_toml(args.config)  # validates with a clear message
         with open(args.config, "rb") as fh:
             file_values = tomllib.load(fh)
-    preset = args.preset or file_values.pop("preset", None) or "small"
+    preset = args.preset or file_values.pop("preset", None) or DEFAULT_PRESET
     file_values.pop("preset", None)
     cfg = Config.from_preset(preset).update(file_values)
     flags = {"train.max_steps": args.max_steps, "train.seed": args.seed,
              "data.fraction": getattr(args, "fraction", None)}
     cfg = cfg.update({k: v for k, v in flags.items() if v is not None})
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set needs SECTION.KEY=VALUE, got {item!r}")
-        cfg = cfg.update({key.strip(): _parse_value(value.strip())})
+    cfg = cfg.with_items(args.set or [])
     return cfg.validate()
-
-
-def _parse_value(text: str):
-    import tomllib
-
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
 
 
 def run(args: argparse.Namespace) -> int:
