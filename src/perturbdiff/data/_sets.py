@@ -16,11 +16,10 @@ from perturbdiff.data._codec import ScaleCodec
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._loader import SetBatch
 from perturbdiff.data._matrix import row_reader
-from perturbdiff.data._split import Condition, condition_codes, obs_codes
+from perturbdiff.data._split import Condition, Context, condition_codes, obs_codes
 from perturbdiff.data._vocab import Vocab
 
-Ctx = tuple[str, ...]
-PoolKey = tuple[Ctx, "str | None"]  # (context, batch or None)
+PoolKey = tuple[Context, "str | None"]  # (context, batch or None)
 
 
 def _labels(adata, col: str | None) -> tuple[np.ndarray, list[str | None]]:

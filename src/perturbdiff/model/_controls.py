@@ -16,14 +16,13 @@ from anndata import AnnData
 
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
-from perturbdiff.data import UNKNOWN, apply_record, get_record, obs_codes
+from perturbdiff.data import UNKNOWN, Context, apply_record, get_record, obs_codes
 from perturbdiff.evaluate import collapse_diagnostic, pseudobulk_of
 from perturbdiff.model._generate import cells_to_generate, check_counts
 from perturbdiff.model._output import append_controls, assemble, output_uns, sampler_settings
 
 RESERVED = ("sample", "predicted", "n_cells")
 
-Ctx = tuple[str, ...]
 
 
 def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str], *, context_keys: str | Sequence[str],
@@ -133,7 +132,7 @@ def _check_columns(model, controls: AnnData, context_keys, batch_key: str | None
     return user
 
 
-def _context_pools(obs: pd.DataFrame, user_keys: Sequence[str]) -> tuple[list[Ctx], list[np.ndarray]]:
+def _context_pools(obs: pd.DataFrame, user_keys: Sequence[str]) -> tuple[list[Context], list[np.ndarray]]:
     """Distinct context-value tuples of the user's cells and the (sorted) rows of each: the control pools."""
     cols = [obs_codes(obs, c) for c in user_keys]
     uniq, inv = np.unique(np.stack([c for c, _ in cols], axis=1), axis=0, return_inverse=True)
@@ -143,7 +142,7 @@ def _context_pools(obs: pd.DataFrame, user_keys: Sequence[str]) -> tuple[list[Ct
     return contexts, np.split(order, np.cumsum(np.bincount(inv, minlength=len(uniq)))[:-1])
 
 
-def _unknown_contexts(model, user_keys: Sequence[str], contexts: Sequence[Ctx]) -> dict[str, list[str]]:
+def _unknown_contexts(model, user_keys: Sequence[str], contexts: Sequence[Context]) -> dict[str, list[str]]:
     """Context values the run never saw, per user column (logged: they use the <unknown> token)."""
     out = {}
     for j, (ucol, rcol) in enumerate(zip(user_keys, model.keys.context_keys)):
