@@ -132,7 +132,7 @@ def formats(out: Path) -> None:
         zi = z.create_array("indices", data=X.indices, chunks=(1 << 16,), compressors=None)
 
         def zarr_rows(r):
-            el = np.sort(store.X._elements(r)[1])
+            el = np.sort(store.X.elements(r)[1])
             return zd.get_coordinate_selection(el), zi.get_coordinate_selection(el)
 
         rows_of[f"zarr {zarr.__version__}, 64 Ki chunks, coordinate selection"] = zarr_rows
@@ -177,7 +177,7 @@ def child(path: Path, steps: int) -> dict:
     t_cfg = time.perf_counter() - t0 - t_open
     model.train(max_steps=2, progress=False, device="cpu")  # builds index, data set and trainer
     trainer = model.trainer
-    batches = trainer._batches()
+    batches = trainer.loader.stream()
     for _ in range(3):
         trainer.train_step(batches)
     times = []
@@ -186,7 +186,7 @@ def child(path: Path, steps: int) -> dict:
         trainer.train_step(batches)
         times.append(time.perf_counter() - t)
     step_ms = float(np.median(times)) * 1e3  # the median: robust to other jobs' bursts on a shared machine
-    ds, rng, n = trainer.dataset, np.random.default_rng(0), 0
+    ds, rng, n = trainer.loader.dataset, np.random.default_rng(0), 0
     t = time.perf_counter()
     while time.perf_counter() - t < 3.0:
         ds.__getitems__(rng.integers(0, len(ds), B).tolist())

@@ -51,7 +51,7 @@ def cmd_pretrain(args) -> None:
     info = {"train_s": time.perf_counter() - t0, "steps": args.steps, "preset": args.preset,
             "n_genes": len(pre.genes), "datasets": [{k: v for k, v in d.items() if k not in ("genes", "contexts")}
                                                     for d in pre.datasets],
-            "sets_per_epoch": len(pre.trainer.dataset), "command": " ".join(sys.argv)}
+            "sets_per_epoch": len(pre.trainer.loader.dataset), "command": " ".join(sys.argv)}
     (work / "pretrain" / f"{args.pretrained}.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
 

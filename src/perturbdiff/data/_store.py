@@ -119,7 +119,7 @@ class StoreMatrix:
             lo, hi = int(self.indptr[rows.start]), int(self.indptr[rows.stop])
             ptr, el = self.indptr[rows.start : rows.stop + 1] - lo, slice(lo, hi)
             return self._csr(el, ptr, None)
-        ptr, el = self._elements(rows)
+        ptr, el = self.elements(rows)
         auto = self.prefetch is None
         on = self._prefetch_left > 0 if auto else self.prefetch
         t = time.perf_counter()
@@ -159,7 +159,7 @@ class StoreMatrix:
             raise IndexError(f"row index out of range for {n} rows")
         return np.where(rows < 0, rows + n, rows)
 
-    def _elements(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def elements(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row pointers [R + 1] of the gathered rows and the flat positions of their stored values."""
         start = self.indptr[rows]
         lens = self.indptr[rows + 1] - start
@@ -195,7 +195,7 @@ class StoreMatrix:
             if r[-1] - r[0] + 1 == len(r):
                 yield self._data.take(slice(int(self.indptr[r[0]]), int(self.indptr[r[-1] + 1])))
             else:
-                yield self._data.take(self._elements(r)[1])
+                yield self._data.take(self.elements(r)[1])
 
 
 def rows_per_block(nnz: int, n_rows: int) -> int:
