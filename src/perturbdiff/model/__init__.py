@@ -6,14 +6,14 @@ sets and predicts zero-shot; ``finetune`` starts a task run from a pretrained on
 
 from perturbdiff.model._controls import predict_for_controls
 from perturbdiff.model._finetune import finetune, transfer_weights
+from perturbdiff.model._generate import default_device
+from perturbdiff.model._load import load_run
 from perturbdiff.model._perturbdiff import PerturbDiff
 from perturbdiff.model._pretrained import Pretrained, pretrain_config
 from perturbdiff.model._run import (
     Run,
     checkpoint_kind,
-    default_device,
     is_pretrained_run,
-    load_run,
     resolve_checkpoint,
 )
 

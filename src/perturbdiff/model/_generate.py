@@ -18,6 +18,10 @@ from perturbdiff.config import Config, SampleConfig
 from perturbdiff.data import Split, draw_positions, row_reader
 
 
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass
 class SetPlan:
     """The sets to generate: condition index [N] and sample id [N] of each, its control rows [N, S] (None: the
@@ -60,8 +64,6 @@ def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes:
     """Model-space cells [N, S, G] for every planned set: ``run.process.sample`` with the run's network, in
     batches of ``batch_size`` sets (batch c draws its noise from ``seed * 1_000_003 + c``), control sets from the
     rows of ``X`` through the codec, values under the codec's floor zeroed. ``cov``: covariates per set [N, ...]."""
-    from perturbdiff.model._run import default_device
-
     codec = codec or run.codec
     device = torch.device(device or default_device())
     net = run.network.to(device).eval()

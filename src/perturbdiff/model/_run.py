@@ -14,15 +14,12 @@ from perturbdiff._version import __version__
 from perturbdiff.config import Config
 from perturbdiff.data import Vocab, codec_from_meta
 from perturbdiff.diffusion import make_process
+from perturbdiff.model._generate import default_device
 from perturbdiff.nn import Denoiser
 from perturbdiff.train import Trainer, load_checkpoint, run_trainer, save_checkpoint, split_prefix
 
 #: checkpoint kinds: written by ``perturbdiff train`` (no "kind" before the redesign) and ``perturbdiff pretrain``
 TASK, PRETRAIN = "task", "pretrain"
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_checkpoint(path: str | Path, which: str = "best") -> Path:
@@ -134,15 +131,6 @@ WRONG_KIND = {
     PRETRAIN: "{path} is not a pretraining run (written by `perturbdiff train`?): use PerturbDiff.load / "
               "`perturbdiff predict` for it",
 }
-
-
-def load_run(path: str | Path, *, which: str = "best", **kwargs):
-    """A ``PerturbDiff`` or a ``Pretrained``, whichever kind wrote the checkpoint."""
-    from perturbdiff.model._perturbdiff import PerturbDiff
-    from perturbdiff.model._pretrained import Pretrained
-
-    kinds = {TASK: PerturbDiff, PRETRAIN: Pretrained}
-    return kinds[checkpoint_kind(path, which)].load(path, which=which, **kwargs)
 
 
 def build_network(cfg: Config, n_genes: int, vocab: Vocab, *, pert_table=None, n_datasets: int = 1) -> Denoiser:
