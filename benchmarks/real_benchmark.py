@@ -83,7 +83,7 @@ def run_model(args, prep, split, seed: int, out: Path) -> dict:
     model = PerturbDiff.load(out / "run", adata=prep, which=args.checkpoint)
     t0 = time.perf_counter()
     pred = model.predict(subset="test", seed=seed, progress=False, guidance=args.guidance,
-                         start=args.start, steps=args.sampler_steps,
+                         start=args.start, steps=args.sampler_steps, solver=args.solver,
                          unknown_perturbations=args.unknown_perturbations)
     t_pred = time.perf_counter() - t0
     table, per = score({"perturbdiff": pred}, prep, split)
@@ -224,7 +224,8 @@ def main() -> None:
     r.add_argument("--set", action="append", default=[], help="config override SECTION.KEY=VALUE (repeatable)")
     r.add_argument("--guidance", type=float, help="sampling guidance w (default: the config's)")
     r.add_argument("--start", choices=["full", "truncated"], help="sampler start (default: the config's)")
-    r.add_argument("--sampler-steps", type=int, help="DDIM steps for --start full")
+    r.add_argument("--sampler-steps", type=int, help="sampler steps (DDIM's for --start full, a flow solver's)")
+    r.add_argument("--solver", choices=["euler", "heun", "dopri5", "rk4"], help="a flow run's ODE solver")
     r.add_argument("--checkpoint", default="best", choices=["best", "last"], help="checkpoint to predict with")
     r.add_argument("--unknown-perturbations", default="error", choices=["error", "generic"],
                    help="predict parts never seen in training as the generic perturbation token")

@@ -22,7 +22,10 @@ from perturbdiff._errors import ConfigError
 
 SAMPLER_STARTS = ("full", "truncated")
 DEFAULT_PRESET = "small"  # what the command line trains when no preset is named
-PROCESS_KINDS = ("vp",)  # perturbdiff.diffusion.PROCESSES
+PROCESS_KINDS = ("vp", "flow")  # perturbdiff.diffusion.PROCESSES
+FLOW_CHOICES = {"flow_source": ("noise", "control"), "flow_pairing": ("random", "ot"),
+                "flow_time": ("uniform", "logit_normal"), "flow_target": ("endpoint", "velocity")}
+SOLVERS = ("euler", "heun", "dopri5", "rk4")
 CODEC_KINDS = ("scale",)  # perturbdiff.data.CODECS
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
@@ -75,6 +78,18 @@ class DiffusionConfig:
     # branch needs far less training signal: 0.1 keeps it usable for guidance while conditioning trains 90 % of sets.
     p_uncond: float = 0.1
     p_drop_control: float = 0.0  # 1.0 for marginal pretraining
+    # scDFM's set loss: unbiased RBF-MMD² of the prediction against the target set (bandwidths 0.5-4 × the target's
+    # median squared distance); scDFM weighs it 0.5. Off by default: docs/BENCHMARKS.md, "Flow matching"
+    mmd_weight: float = 0.0
+    # flow matching (process = "flow"; docs/BENCHMARKS.md): where the path starts ("noise": x0 ~ N(0, I), the control
+    # set conditions, scDFM; "control": the control cells themselves, transported to the perturbed ones, CellFlow),
+    # how control cells pair with target cells within a set ("random" or "ot": minibatch optimal transport), how t is
+    # drawn ("uniform" or "logit_normal") and what the network predicts ("endpoint" x̂1, the velocity derived from it,
+    # or "velocity" directly)
+    flow_source: str = "noise"
+    flow_pairing: str = "random"
+    flow_time: str = "uniform"
+    flow_target: str = "endpoint"
 
 
 @dataclass
@@ -88,7 +103,10 @@ class SampleConfig:
     steps: int = 25
     start: str = "full"
     truncated_start_t: int = 99
-    guidance: float = 0.0  # w in (1+w)·ε_cond − w·ε_uncond; §8: choose on validation
+    guidance: float = 0.0  # w in (1+w)·ε_cond − w·ε_uncond (a flow mixes velocities); §8: choose on validation
+    # the flow's ODE solver: "euler" or "heun" with `steps` steps (heun: 2·steps − 1 network evaluations), or
+    # torchdiffeq's adaptive "dopri5" / fixed-step "rk4" (`steps` steps, 4 evaluations each)
+    solver: str = "euler"
 
 
 @dataclass
@@ -330,6 +348,9 @@ RULES: dict[str, tuple[Any, str]] = {
     "diffusion.mean_weight": (_nonneg, ">= 0"), "diffusion.self_cond_prob": (_unit, "in [0, 1]"),
     "diffusion.p_uncond": (_unit, "in [0, 1]"), "diffusion.p_drop_control": (_unit, "in [0, 1]"),
     "diffusion.process": (lambda v: v in PROCESS_KINDS, f"one of {', '.join(PROCESS_KINDS)}"),
+    "diffusion.mmd_weight": (_nonneg, ">= 0"),
+    **{f"diffusion.{k}": (lambda v, c=c: v in c, f"one of {', '.join(c)}") for k, c in FLOW_CHOICES.items()},
+    "sample.solver": (lambda v: v in SOLVERS, f"one of {', '.join(SOLVERS)}"),
     "sample.steps": (_pos, "at least 1"),
     "sample.start": (lambda v: v in SAMPLER_STARTS, f"one of {', '.join(SAMPLER_STARTS)}"),
     "sample.truncated_start_t": (_nonneg, ">= 0"), "sample.guidance": (math.isfinite, "a finite number"),

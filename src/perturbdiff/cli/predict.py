@@ -45,8 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cells per condition (default: as many as the real condition, or as the context's controls)")
     p.add_argument("--n-samples", type=int, default=1, help="independent response distributions per condition")
     p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: the run's, 0)")
-    p.add_argument("--steps", type=int, help="DDIM steps for --start full (default: the run's)")
-    p.add_argument("--start", choices=["full", "truncated"], help="sampler start (default: the run's)")
+    p.add_argument("--steps", type=int, help="sampler steps: DDIM's for --start full, the flow solver's (default: "
+                                             "the run's)")
+    p.add_argument("--start", choices=["full", "truncated"], help="VP sampler start (default: the run's)")
+    p.add_argument("--solver", choices=["euler", "heun", "dopri5", "rk4"],
+                   help="ODE solver of a flow-matching run (default: the run's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no-controls", action="store_true", help="write predicted cells only (no real control cells)")
@@ -123,8 +126,9 @@ def _predict_split(args: argparse.Namespace):
     if args.split:
         model.split = Split.read(args.split)
     return model.predict(subset=args.subset or "test", n_cells=args.n_cells, n_samples=args.n_samples,
-                         guidance=args.guidance, steps=args.steps, start=args.start, seed=args.seed,
-                         include_controls=not args.no_controls, progress=not args.no_progress, device=args.device,
+                         guidance=args.guidance, steps=args.steps, start=args.start, solver=args.solver,
+                         seed=args.seed, include_controls=not args.no_controls, progress=not args.no_progress,
+                         device=args.device,
                          missing_genes=args.missing_genes, unknown_perturbations=args.unknown_perturbations)
 
 
@@ -140,7 +144,8 @@ def _zero_shot(args: argparse.Namespace, adata):
     pre = Pretrained.load(args.run, which=args.checkpoint)
     return pre.zero_shot(adata, split=Split.read(args.split), subset=args.subset or "test", n_cells=args.n_cells,
                          dataset=args.from_dataset, n_samples=args.n_samples, steps=args.steps, start=args.start,
-                         seed=args.seed, include_controls=not args.no_controls, progress=not args.no_progress,
+                         solver=args.solver, seed=args.seed, include_controls=not args.no_controls,
+                         progress=not args.no_progress,
                          device=args.device)
 
 
@@ -160,7 +165,7 @@ def _predict_controls(args: argparse.Namespace):
         controls, perts, context_keys=parse_list(args.context_keys, "--context-keys"), input_kind=args.input_kind,
         missing_genes=args.missing_genes, n_cells=args.n_cells, n_samples=args.n_samples,
         pseudobulk=args.pseudobulk, seed=args.seed, guidance=args.guidance, steps=args.steps, start=args.start,
-        progress=not args.no_progress, device=args.device,
+        solver=args.solver, progress=not args.no_progress, device=args.device,
         doses=parse_list(args.doses, "--doses") if args.doses else None, batch_key=args.batch_key,
         reference=reference, unknown_perturbations=args.unknown_perturbations)
     return pred[pred.obs["predicted"].to_numpy(bool)].copy() if args.no_controls else pred

@@ -76,16 +76,16 @@ def rbf_mmd(
     mask_y: torch.Tensor | None = None,
     bandwidths: Sequence[float] = (0.5, 1.0, 2.0, 4.0),
 ) -> torch.Tensor:
-    """Unbiased MMD² with a sum of Gaussian kernels exp(−d²/(b·m)), m = median cross squared distance (scDFM).
-
-    The median is taken per set over valid x–y pairs and detached. Returns [B] (may be slightly negative).
-    """
+    """Unbiased MMD² with a sum of Gaussian kernels exp(−d²/(b·m)), b in ``bandwidths``, m = the median off-diagonal
+    squared distance within the target set y (scDFM's rule), per set, detached. Returns [B] (may be slightly
+    negative)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         wx, wy = _weights(mask_x, x), _weights(mask_y, y)
         x, y = _centered_fp32(x, y, wy)
         dxy, dxx, dyy = _sq_dists(x, y), _sq_dists(x, x), _sq_dists(y, y)
-        valid = (wx[:, :, None] > 0) & (wy[:, None, :] > 0)  # (B, N, M)
-        med = torch.where(valid, dxy, torch.nan).flatten(1).nanmedian(dim=1).values.detach()  # (B,)
+        eye = torch.eye(y.shape[1], dtype=torch.bool, device=y.device)
+        valid = (wy[:, :, None] > 0) & (wy[:, None, :] > 0) & ~eye  # (B, M, M)
+        med = torch.where(valid, dyy, torch.nan).flatten(1).nanmedian(dim=1).values.detach()  # (B,)
         scale = med.clamp_min(1e-8)[:, None, None]  # (B, 1, 1)
 
         def kernel(d2: torch.Tensor) -> torch.Tensor:
@@ -113,16 +113,17 @@ def set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tenso
 
 
 def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | None = None,
-             gene_mask: torch.Tensor | None = None, ed_weight: float = 1.0,
-             mean_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """MSE + ed_weight · mean_b ED(pred_b, target_b) + mean_weight · set-mean error, over sets [B, S, G].
+             gene_mask: torch.Tensor | None = None, ed_weight: float = 1.0, mean_weight: float = 0.0,
+             mmd_weight: float = 0.0, mse: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """MSE + ed_weight · mean_b ED + mean_weight · set-mean error + mmd_weight · mean_b RBF-MMD², over sets [B, S, G].
 
     Padded cells (``pad`` [B, S]) are excluded from every term; ``gene_mask`` [B, G] restricts them to those genes.
-    Any process calls it on its own prediction of the data (x̂0 for VP diffusion, the flow's end point, ...).
+    Any process calls it on its own prediction of the data (x̂0 for VP diffusion, the flow's end point, ...);
+    ``mse`` replaces the per-cell term (a flow that regresses its velocity passes that error).
     """
     cell_w = target.new_ones(target.shape[:2]) if pad is None else (~pad.bool()).float()  # (B, S)
     gene_w = None if gene_mask is None else gene_mask.float()  # (B, G)
-    mse = masked_mse(pred, target, cell_w, gene_w)
+    mse = masked_mse(pred, target, cell_w, gene_w) if mse is None else mse
     xe, ye = (pred, target) if gene_w is None else (pred * gene_w[:, None], target * gene_w[:, None])
     with torch.set_grad_enabled(torch.is_grad_enabled() and ed_weight != 0):
         ed = energy_distance(xe, ye, cell_w, cell_w).mean()
@@ -132,4 +133,8 @@ def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | No
         mean_err = set_mean_error(pred, target, cell_w, gene_w)
         loss = loss + mean_weight * mean_err
         parts["mean"] = float(mean_err.detach())
+    if mmd_weight:
+        mmd = rbf_mmd(xe, ye, cell_w, cell_w).mean()
+        loss = loss + mmd_weight * mmd
+        parts["mmd"] = float(mmd.detach())
     return loss, {**parts, "loss": float(loss.detach())}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from perturbdiff.config import DiffusionConfig, SampleConfig
+from perturbdiff.diffusion._flow import FlowMatching
 from perturbdiff.diffusion._vp import VPDiffusion
 
 
@@ -28,7 +29,7 @@ class Process(Protocol):
 
 
 #: process kind (``diffusion.process``) -> class; a new process is one file here and one entry
-PROCESSES: dict[str, type] = {"vp": VPDiffusion}
+PROCESSES: dict[str, type] = {"vp": VPDiffusion, "flow": FlowMatching}
 
 
 def make_process(cfg: DiffusionConfig, codec=None) -> Process:

@@ -28,7 +28,8 @@ RESERVED = ("sample", "predicted", "n_cells")
 def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str], *, context_keys: str | Sequence[str],
                          input_kind: str, missing_genes: str = "error", n_cells: int | None = None,
                          n_samples: int = 1, pseudobulk: bool = False, seed: int = 0, guidance: float | None = None,
-                         steps: int | None = None, start: str | None = None, progress: bool = True, device=None,
+                         steps: int | None = None, start: str | None = None, solver: str | None = None,
+                         progress: bool = True, device=None,
                          doses: Sequence[str] | None = None, batch_key: str | None = None,
                          reference: AnnData | None = None, unknown_perturbations: str = "error") -> AnnData:
     """Generate each perturbation from every context pool of the user's control cells (log1p AnnData).
@@ -50,7 +51,7 @@ def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str],
     conds = [(ctx, p, d) for ctx, pool in zip(contexts, pools) for p in perts for d in dose_list]
     cond_pools = [pool for pool in pools for _ in perts for _ in dose_list]
     counts = cells_to_generate(n_cells, conds, observed=[len(pool) for pool in cond_pools])
-    settings = model.sample_settings(guidance=guidance, steps=steps, start=start)
+    settings = model.sample_settings(guidance=guidance, steps=steps, start=start, solver=solver)
     view = _run_view(model, prepared, user_keys, batch_key)
     doses = [c[2] for c in conds] if model.keys.dose_key is not None else None
     parts = model._cells(view, [c[:2] for c in conds], cond_pools, counts, settings=settings, n_samples=n_samples,

@@ -60,4 +60,5 @@ def output_uns(record: dict, **settings) -> dict:
 
 def sampler_settings(settings, **extra) -> dict:
     """The sampler settings a prediction records."""
-    return {"guidance": settings.guidance, "steps": settings.steps, "start": settings.start, **extra}
+    return {"guidance": settings.guidance, "steps": settings.steps, "start": settings.start, "solver": settings.solver,
+            **extra}

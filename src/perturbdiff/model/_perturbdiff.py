@@ -185,15 +185,15 @@ class PerturbDiff(Run):
             cov["dose"] = np.asarray([index[doses[i]] for i in plan.cond.tolist()], np.int64)
         return cov
 
-    def sample_settings(self, *, guidance: float | None = None, steps: int | None = None,
-                        start: str | None = None) -> SampleConfig:
+    def sample_settings(self, *, guidance: float | None = None, steps: int | None = None, start: str | None = None,
+                        solver: str | None = None) -> SampleConfig:
         """The run's sampler settings with those given (None keeps the run's), checked like any config value."""
-        return sample_settings(self.cfg.sample, guidance=guidance, steps=steps, start=start)
+        return sample_settings(self.cfg.sample, guidance=guidance, steps=steps, start=start, solver=solver)
 
     def predict(self, conditions: Sequence[Condition] | None = None, *, subset: str = "test",
                 adata: AnnData | None = None, n_cells: int | Sequence[int] | None = None, n_samples: int = 1,
                 guidance: float | None = None, steps: int | None = None, start: str | None = None,
-                seed: int = 0, include_controls: bool = True, progress: bool = True,
+                solver: str | None = None, seed: int = 0, include_controls: bool = True, progress: bool = True,
                 device: str | torch.device | None = None, unknown_perturbations: str = "error",
                 missing_genes: str = "error") -> AnnData:
         """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout.
@@ -223,7 +223,7 @@ class PerturbDiff(Run):
         pools = [index.control_pool(i) for i in range(len(conditions))]
         counts = cells_to_generate(n_cells, conditions, split=self.split, subset=subset,
                                    observed=[len(g) or len(p) for g, p in zip(index.groups, pools)])
-        settings = self.sample_settings(guidance=guidance, steps=steps, start=start)
+        settings = self.sample_settings(guidance=guidance, steps=steps, start=start, solver=solver)
         parts = self._cells(adata, conditions, pools, counts, settings=settings, n_samples=n_samples, seed=seed,
                             progress=progress, device=device, unknown_pert=unknown_perturbations)
         n = len(conditions)

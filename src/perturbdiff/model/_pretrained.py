@@ -18,7 +18,7 @@ import torch
 from anndata import AnnData
 from torch import nn
 
-from perturbdiff._errors import DataError
+from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import logger
 from perturbdiff.config import Config
 from perturbdiff.data import (
@@ -83,6 +83,9 @@ class Pretrained(Run):
         if len(scales) > 1:
             raise DataError(f"the data sets were preprocessed with different model scales {sorted(scales)}")
         cfg = pretrain_config(cfg)
+        if cfg.diffusion.process == "flow" and cfg.diffusion.flow_source == "control":
+            raise ConfigError("pretraining has no control cells to start a flow from (the control stream is zero): "
+                              "use diffusion.flow_source = 'noise'")
         genes = gene_vocabulary([s.genes for s in sources])
         tokens = sorted(set().union(*(set(s.contexts.tolist()) for s in sources)))
         vocab = Vocab(pert=[PAD, "control", UNKNOWN], contexts=[[UNKNOWN, *tokens]], context_keys=["context"])
@@ -170,7 +173,8 @@ class Pretrained(Run):
     def zero_shot(self, adata: AnnData, conditions: Sequence[Condition] | None = None, *,
                   split: Split | None = None, subset: str = "test", n_cells: int | Sequence[int] | None = None,
                   dataset: str | None = None, n_samples: int = 1, steps: int | None = None,
-                  start: str | None = None, seed: int = 0, include_controls: bool = True, progress: bool = True,
+                  start: str | None = None, solver: str | None = None, seed: int = 0,
+                  include_controls: bool = True, progress: bool = True,
                   device: str | torch.device | None = None) -> AnnData:
         """Cells of each condition's context from the pretrained marginal, on ``adata``'s genes (no perturbation
         labels and no control cells used); real control cells are appended when ``adata`` has them."""
@@ -192,7 +196,7 @@ class Pretrained(Run):
             raise DataError(f"no cells of condition {missing[0]!r} in the data to size the prediction: pass n_cells")
         genes = [str(g) for g in adata.var_names]
         d = self.dataset_index(dataset, genes)
-        settings = sample_settings(self.cfg.sample, steps=steps, start=start)
+        settings = sample_settings(self.cfg.sample, steps=steps, start=start, solver=solver)
         plan = plan_sets(counts, self.cfg.data.set_size, n_samples, seed)
         cells = generate(self, plan, self._covariates(self.context_tokens(conditions)[plan.cond], d), settings=settings,
                          n_genes=len(self.genes), seed=seed, device=device, progress=progress,
