@@ -48,10 +48,10 @@ def prepare(split_name: str, work: Path, shared: Path):
     return prep, split, keys
 
 
-def score(preds: dict, prep, split) -> tuple[pd.DataFrame, dict]:
+def score(preds: dict, prep, split, subset: str = "test") -> tuple[pd.DataFrame, dict]:
     from perturbdiff.evaluate import build_real, context_column, evaluate_predictions
 
-    real, ctx = context_column(build_real(prep, split, "test"), split.context_cols)
+    real, ctx = context_column(build_real(prep, split, subset), split.context_cols)
     preds = {k: context_column(v, split.context_cols)[0] for k, v in preds.items()}
     return evaluate_predictions(preds, real, pert_col=split.pert_col, control=split.control, context_col=ctx,
                                 num_threads=2, return_per_condition=True)

@@ -31,6 +31,8 @@ def main() -> None:
                    help="start:n (VP: truncated start t or full-DDIM steps) or solver:n (flow: euler, heun, rk4, "
                         "dopri5)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--subset", default="test", choices=["val", "test"],
+                   help="conditions to predict and score: choose samplers on val, report on test")
     p.add_argument("--work", default="bench_work", help="where real_benchmark.py caches the preprocessed data")
     args = p.parse_args()
 
@@ -51,9 +53,9 @@ def main() -> None:
             changes = {"sample.solver": start, "sample.steps": n}
         model.cfg = Config.from_dict(model.cfg.to_dict()).update(changes)
         t0 = time.perf_counter()
-        pred = model.predict(subset="test", seed=args.seed, progress=False)
+        pred = model.predict(subset=args.subset, seed=args.seed, progress=False)
         secs = time.perf_counter() - t0
-        table, _ = score({"m": pred}, prep, split)
+        table, _ = score({"m": pred}, prep, split, args.subset)
         row = table.loc["m"]
         evals = {"truncated": n + 1, "full": n, "euler": n, "heun": 2 * n - 1, "rk4": 4 * (n - 1) + 1}.get(start,
                                                                                                        "adaptive")
