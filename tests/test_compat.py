@@ -51,3 +51,14 @@ def test_the_same_fixed_seed_run_trained_today_predicts_the_same_cells(expected)
     for name, cells in expected.items():  # 12 steps of AdamW: only float rounding of another CPU may differ
         np.testing.assert_allclose(got[name], cells, atol=1e-3, err_msg=name)
         assert ((got[name] > 0) == (cells > 0)).mean() > 0.99, name
+
+
+def test_a_config_written_before_a_key_existed_keeps_the_value_its_run_used():
+    """Checkpoints of the fixtures predate diffusion.process: they are VP runs whatever today's default is."""
+    from perturbdiff.config import Config
+
+    written = Config().update({"diffusion.process": "flow"}).to_dict()
+    assert Config.from_checkpoint(written).diffusion.process == "flow"  # a key the run wrote is kept
+    del written["diffusion"]["process"]
+    assert Config.from_checkpoint(written).diffusion.process == "vp"  # a key it predates takes the old value
+    assert PerturbDiff.load(FIXTURES / "run_v0").process.kind == "vp"

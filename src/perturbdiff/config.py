@@ -22,6 +22,8 @@ from perturbdiff._errors import ConfigError
 
 SAMPLER_STARTS = ("full", "truncated")
 DEFAULT_PRESET = "small"  # what the command line trains when no preset is named
+#: keys added after runs were already written, with the value every run written before them used
+INTRODUCED = {"diffusion.process": "vp"}
 PROCESS_KINDS = ("vp", "flow")  # perturbdiff.diffusion.PROCESSES
 FLOW_CHOICES = {"flow_source": ("noise", "control"), "flow_pairing": ("random", "ot"),
                 "flow_time": ("uniform", "logit_normal"), "flow_target": ("endpoint", "velocity")}
@@ -169,6 +171,17 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> Config:
         cfg = cls.from_preset(d.get("preset", "base")) if "preset" in d else cls()
         return cfg.update({k: v for k, v in d.items() if k != "preset"})
+
+    @classmethod
+    def from_checkpoint(cls, d: dict[str, Any]) -> Config:
+        """The config a run wrote (whole, into its checkpoint): a key it lacks was introduced later, so it takes the
+        value that reproduces that run (``INTRODUCED``), not today's default."""
+        d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+        for dotted, value in INTRODUCED.items():
+            section, key = dotted.split(".")
+            if key not in d.get(section, {}):
+                d.setdefault(section, {})[key] = value
+        return cls.from_dict(d)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> Config:

@@ -104,7 +104,7 @@ class Run:
         kind = meta.get("kind", TASK)
         if kind != cls.kind:
             raise CheckpointError(WRONG_KIND[cls.kind].format(path=path))
-        cfg = Config.from_dict(meta["config"])
+        cfg = Config.from_checkpoint(meta["config"])
         vocab = Vocab.from_dict(meta["vocab"])
         run = cls._from_meta(cfg, meta, vocab, codec_from_meta(meta, cfg.codec), tensors, **kwargs)
         try:

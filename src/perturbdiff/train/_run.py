@@ -49,7 +49,7 @@ def check_resumable(path: Path, meta: dict) -> dict:
     than the run's (one line naming what differs); returns the checkpoint's metadata."""
     old = load_checkpoint(path, prefixes=("\0",))[1]  # the header only
     run = path.parent
-    written = Config.from_dict(old["config"]).to_dict() if "config" in old else {}  # keys of older versions renamed
+    written = Config.from_checkpoint(old["config"]).to_dict() if "config" in old else {}  # older keys renamed
     changes = [c for c in config_changes(written, meta.get("config", {}))
                if c.split(" ", 1)[0] not in RESUMABLE_CHANGES]
 
@@ -93,7 +93,7 @@ def run_trainer(network: nn.Module, process, dataset, cfg: Config, *, meta: Call
         start = resume_point(out) if resume else None
         if start is not None:
             old = check_resumable(start, meta())
-            step, planned = old.get("state", {}).get("step", 0), Config.from_dict(old["config"]).train.max_steps
+            step, planned = old.get("state", {}).get("step", 0), Config.from_checkpoint(old["config"]).train.max_steps
             total = cfg.train.max_steps
             if step >= total:
                 logger.info("%s already reached step %d of %d: nothing to train (raise max_steps to continue)",
