@@ -232,7 +232,7 @@ def test_training_loss_control_dropout_and_autocast():
 # -- sampling --------------------------------------------------------------------------------------
 def sample(model, seed, *, codec=None, control_skip=True, **kw):
     batch = make_batch()
-    process = make_process(DiffusionConfig(control_skip=control_skip), codec)
+    process = make_process(DiffusionConfig(process="vp", control_skip=control_skip), codec)
     return process.sample(model, batch["control"], cov_of(batch), SampleConfig(**kw),
                           generator=torch.Generator().manual_seed(seed))
 
@@ -294,5 +294,5 @@ def test_the_output_form_belongs_to_the_process_not_the_network():
 
 
 def test_the_configured_process_kind_is_built():
-    assert isinstance(make_process(Config().diffusion), PROCESSES["vp"])
-    assert Config().diffusion.process == "vp"
+    assert isinstance(make_process(Config().update({"diffusion.process": "vp"}).diffusion), PROCESSES["vp"])
+    assert isinstance(make_process(Config().diffusion), PROCESSES[Config().diffusion.process])
