@@ -57,8 +57,8 @@ def main() -> None:
         secs = time.perf_counter() - t0
         table, _ = score({"m": pred}, prep, split, args.subset)
         row = table.loc["m"]
-        evals = {"truncated": n + 1, "full": n, "euler": n, "heun": 2 * n - 1, "rk4": 4 * (n - 1) + 1}.get(start,
-                                                                                                       "adaptive")
+        evals = model.process.evaluations(model.cfg.sample)
+        evals = evals if evals > 0 else "adaptive"
         print(f"| {spec} | {evals} | {secs:.1f} | " + " | ".join(f"{row[h]:.3f}" for h in HEAD) + " |", flush=True)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 #: covariate names a network reads; "dataset" only in marginal pretraining
 COV_KEYS = ("pert", "context", "batch", "dose", "dataset")
@@ -45,6 +46,14 @@ class Dropouts:
 def drop_controls(ctrl: torch.Tensor, ctrl_drop: torch.Tensor | None) -> torch.Tensor:
     """The control stream with the chosen sets' cells all zero."""
     return ctrl if ctrl_drop is None else ctrl.masked_fill(ctrl_drop.reshape(-1, 1, 1), 0.0)  # (B, S, G)
+
+
+def output_form(out: torch.Tensor, ctrl: torch.Tensor, *, control_skip: bool, nonnegative: bool) -> torch.Tensor:
+    """A network's raw output as a prediction of the data: + the control set's mean profile (``control_skip``: predict
+    a residual), ReLU in a non-negative model space."""
+    if control_skip:
+        out = out + ctrl.mean(dim=1, keepdim=True).to(out.dtype)
+    return F.relu(out) if nonnegative else out
 
 
 def self_conditioning(predict: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, use_self: torch.Tensor,

@@ -25,10 +25,11 @@ from perturbdiff.diffusion._conditioning import (
     draw,
     drop_controls,
     guide,
+    output_form,
     self_conditioning,
 )
 from perturbdiff.diffusion._losses import masked_mse, set_loss
-from perturbdiff.diffusion._solvers import SOLVERS
+from perturbdiff.diffusion._solvers import EVALUATIONS, SOLVERS
 
 TIME_SCALE = 1000.0  # t in [0, 1] enters the timestep embedding as t · 1000, the range VP's integer steps use
 MIN_REMAINING = 1e-3  # 1 − t is clamped here where the velocity divides by it
@@ -64,9 +65,7 @@ class FlowMatching:
         rest = (1.0 - t).clamp_min(MIN_REMAINING)[:, None, None]
         if self.cfg.flow_target == "velocity":
             return x_t + rest * out, out
-        if self.cfg.control_skip:
-            out = out + ctrl.mean(dim=1, keepdim=True).to(out.dtype)
-        x1 = out.clamp_min(0.0) if self.nonnegative else out
+        x1 = output_form(out, ctrl, control_skip=self.cfg.control_skip, nonnegative=self.nonnegative)
         return x1, (x1 - x_t) / rest
 
     def _source(self, batch: dict, x1: torch.Tensor, generator) -> torch.Tensor:
@@ -146,5 +145,4 @@ class FlowMatching:
 
     def evaluations(self, settings: SampleConfig) -> int:
         """Network evaluations per sampled batch of sets (guidance doubles the batch, not the count)."""
-        return {"euler": settings.steps, "heun": 2 * settings.steps - 1, "rk4": 4 * (settings.steps - 1) + 1}.get(
-            settings.solver, -1)
+        return EVALUATIONS.get(settings.solver, lambda n: -1)(settings.steps)  # -1: adaptive (dopri5)

@@ -24,28 +24,19 @@ def time_grid(steps: int) -> list[float]:
 def euler(field: Field, x: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
     """Explicit Euler; returns the last endpoint estimate and the number of field evaluations (= steps)."""
     ts = time_grid(steps)
-    for i, t in enumerate(ts):
-        v, x1 = field(x, t)
-        if i + 1 == len(ts):
-            return x1, len(ts)
-        x = x + (ts[i + 1] - t) * v
-    raise AssertionError("unreachable")
+    for t, t_next in zip(ts, ts[1:]):
+        x = x + (t_next - t) * field(x, t)[0]
+    return field(x, ts[-1])[1], steps
 
 
 def heun(field: Field, x: torch.Tensor, steps: int) -> tuple[torch.Tensor, int]:
     """Heun's second-order method (the trapezoid predictor-corrector); the last step is Euler's, ending at x̂1.
     Evaluations: 2·steps − 1."""
-    ts, n = time_grid(steps), 0
-    for i, t in enumerate(ts):
-        v, x1 = field(x, t)
-        n += 1
-        if i + 1 == len(ts):
-            return x1, n
-        dt = ts[i + 1] - t
-        v2, _ = field(x + dt * v, ts[i + 1])
-        n += 1
-        x = x + dt * 0.5 * (v + v2)
-    raise AssertionError("unreachable")
+    ts = time_grid(steps)
+    for t, t_next in zip(ts, ts[1:]):
+        dt, v = t_next - t, field(x, t)[0]
+        x = x + dt * 0.5 * (v + field(x + dt * v, t_next)[0])
+    return field(x, ts[-1])[1], 2 * steps - 1
 
 
 def odeint(field: Field, x: torch.Tensor, steps: int, method: str = "dopri5", rtol: float = 1e-3,
@@ -67,6 +58,10 @@ def odeint(field: Field, x: torch.Tensor, steps: int, method: str = "dopri5", rt
     _, x1 = field(x, ts[-1])
     return x1, count[0] + 1
 
+
+#: network evaluations of the fixed-step solvers for n steps
+EVALUATIONS: dict[str, Callable[[int], int]] = {"euler": lambda n: n, "heun": lambda n: 2 * n - 1,
+                                               "rk4": lambda n: 4 * (n - 1) + 1}
 
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, int]]] = {
     "euler": euler, "heun": heun,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -17,6 +16,7 @@ from perturbdiff.diffusion._conditioning import (
     draw,
     drop_controls,
     guide,
+    output_form,
     self_conditioning,
 )
 from perturbdiff.diffusion._losses import set_loss
@@ -50,9 +50,7 @@ class VPDiffusion:
         """x̂0 from the network's raw output: + the control mean (control skip), ReLU (non-negative space)."""
         ctrl = drop_controls(ctrl, ctrl_drop)
         out = network(x_t, x_self, ctrl, t, cov, uncond)  # (B, S, G)
-        if self.cfg.control_skip:
-            out = out + ctrl.mean(dim=1, keepdim=True).to(out.dtype)
-        return F.relu(out) if self.nonnegative else out
+        return output_form(out, ctrl, control_skip=self.cfg.control_skip, nonnegative=self.nonnegative)
 
     # -- training ----------------------------------------------------------------------------------------------
     def loss(self, network: nn.Module, batch: dict, generator: torch.Generator | None = None):
@@ -84,6 +82,10 @@ class VPDiffusion:
                 raise ValueError(f"truncated_start_t={settings.truncated_start_t} must be < T={self.sched.T}")
             return truncated_timesteps(settings.truncated_start_t).tolist()
         raise ValueError(f"unknown sampler start {settings.start!r}; choose 'full' or 'truncated'")
+
+    def evaluations(self, settings: SampleConfig) -> int:
+        """Network evaluations per sampled batch of sets (guidance doubles the batch, not the count)."""
+        return len(self.timesteps(settings))
 
     @torch.no_grad()
     def sample(self, network: nn.Module, controls: torch.Tensor, covariates: dict, settings: SampleConfig,

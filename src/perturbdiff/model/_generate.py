@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from perturbdiff._errors import DataError
+from perturbdiff._errors import ConfigError, DataError
 from perturbdiff.config import Config, SampleConfig
 from perturbdiff.data import Split, draw_positions, row_reader
 
@@ -60,13 +60,15 @@ def plan_sets(n_cells: Sequence[int], set_size: int, n_samples: int, seed: int,
 
 @torch.no_grad()
 def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes: int | None = None, settings,
-             seed: int = 0, device=None, progress: bool = True, codec=None, batch_size: int = 64) -> np.ndarray:
-    """Model-space cells [N, S, G] for every planned set: ``run.process.sample`` with the run's network, in
+             seed: int = 0, device=None, progress: bool = True, codec=None, network=None,
+             batch_size: int = 64) -> np.ndarray:
+    """Model-space cells [N, S, G] for every planned set: ``run.process.sample`` with the run's (or ``network``'s)
+    weights, in
     batches of ``batch_size`` sets (batch c draws its noise from ``seed * 1_000_003 + c``), control sets from the
     rows of ``X`` through the codec, values under the codec's floor zeroed. ``cov``: covariates per set [N, ...]."""
     codec = codec or run.codec
     device = torch.device(device or default_device())
-    net = run.network.to(device).eval()
+    net = (network or run.network).to(device).eval()
     X = None if X is None else row_reader(X)  # in-memory CSR or a store's lazy rows
     G = X.shape[1] if X is not None else int(n_genes)
     N, S = len(plan), plan.set_size
@@ -109,8 +111,6 @@ def cells_to_generate(n_cells, conditions: Sequence, *, observed: Sequence[int],
 
 def check_counts(*, n_samples: int = 1, n_cells=None) -> None:
     """``n_samples`` and every ``n_cells`` at least 1 (one ConfigError before any work)."""
-    from perturbdiff._errors import ConfigError
-
     if int(n_samples) < 1:
         raise ConfigError(f"n_samples must be at least 1, got {n_samples}")
     if n_cells is not None:

@@ -163,9 +163,8 @@ class PerturbDiff(Run):
         """Model-space cells per (sample, condition), control sets from each condition's pool of ``adata``."""
         plan = plan_sets(n_cells, self.cfg.data.set_size, n_samples, seed, pools)
         cov = self._covariates(adata, conds, plan, unknown_pert, doses)
-        run = self if network is None else _WithNetwork(self, network)
-        cells = generate(run, plan, cov, X=adata.X, settings=settings or self.cfg.sample, seed=seed, device=device,
-                         progress=progress)
+        cells = generate(self, plan, cov, X=adata.X, settings=settings or self.cfg.sample, seed=seed, device=device,
+                         progress=progress, network=network)
         return per_condition(cells, plan, n_cells, n_samples)
 
     def _covariates(self, adata: AnnData, conds, plan, unknown_pert: str = "error",
@@ -249,13 +248,6 @@ class PerturbDiff(Run):
                 "representable": self.vocab.perturbations, "control": self.vocab.control, "contexts": contexts,
                 "batches": self.vocab.batch[1:], "keys": self.keys.to_dict(), "record": self.record,
                 "split": self.split.summary() if self.split else None}
-
-
-class _WithNetwork:
-    """A run seen with other weights (the validator scores the EMA copy)."""
-
-    def __init__(self, run: Run, network: torch.nn.Module):
-        self.network, self.process, self.codec = network, run.process, run.codec
 
 
 def _check_gene_selection(record: dict, n_train: int, n_obs: int) -> None:
