@@ -60,6 +60,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def threads_argument(p: argparse.ArgumentParser) -> None:
+    """``--threads auto|N`` for the commands that train or sample (applied before the command runs)."""
+    from perturbdiff._threads import parse_threads
+
+    def parse(text: str):
+        try:
+            return parse_threads(text)
+        except PerturbDiffError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--threads", type=parse, default="auto", metavar="auto|N",
+                   help="CPU threads: a count, or auto = time the work at 1 and at all cores and keep the faster "
+                        "(again at every checkpoint; a loaded machine makes extra threads much slower). "
+                        "OMP_NUM_THREADS in the environment is kept under auto")
+
+
 def _load(name: str):
     return importlib.import_module(f"perturbdiff.cli.{name}")
 
@@ -115,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli_logging(args.verbose)
     try:
         _check_outputs(args)
+        if getattr(args, "threads", None) is not None:
+            from perturbdiff._threads import set_threads
+
+            set_threads(args.threads)
         return int(args._run(args) or 0)
     except PerturbDiffError as e:
         print(f"perturbdiff {args.command}: error: {e.for_cli()}", file=sys.stderr)

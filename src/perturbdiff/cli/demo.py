@@ -10,6 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
+from perturbdiff.cli import threads_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="perturbdiff_demo", help="output folder (default: ./perturbdiff_demo)")
@@ -20,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=1500, help="training steps")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation, split and training")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    threads_argument(p)
 
 
 class _Steps:

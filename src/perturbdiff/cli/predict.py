@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from perturbdiff._errors import ConfigError, DataError
+from perturbdiff.cli import threads_argument
 
 CONTROLS_ONLY = ("perturbations", "context_keys", "input_kind", "pseudobulk", "doses",
                  "batch_key", "reference")
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--no-controls", action="store_true", help="write predicted cells only (no real control cells)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    threads_argument(p)
     p.add_argument("--out", required=True, help="output .h5ad (log1p, the layout cell-eval reads)")
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from perturbdiff._logging import logger
+from perturbdiff.cli import threads_argument
 from perturbdiff.config import DEFAULT_PRESET, PRESETS, Config
 
 CHECKPOINTS_HELP = """checkpoints:
@@ -46,6 +47,7 @@ def add_config_arguments(p: argparse.ArgumentParser, *, training: bool = True) -
                    help="start afresh even if OUT holds a run (by default a run in OUT is resumed at its last "
                         "checkpoint, exactly, when its config, split and genes are the same; refused otherwise)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    threads_argument(p)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from perturbdiff._errors import ConfigError, DataError
+from perturbdiff._threads import auto_active, calibrate
 from perturbdiff.config import Config, SampleConfig
 from perturbdiff.data import Split, draw_positions, row_reader
 
@@ -73,15 +74,24 @@ def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes:
     G = X.shape[1] if X is not None else int(n_genes)
     N, S = len(plan), plan.set_size
     out = np.zeros((N, S, G), np.float32)
-    for c in tqdm(range(0, N, batch_size), disable=not progress, desc="sample", unit="batch", dynamic_ncols=True):
-        sl = slice(c, min(c + batch_size, N))
+
+    def inputs(sl: slice):
         if plan.rows is None:
             ctrl = torch.zeros(sl.stop - sl.start, S, G)
         else:
             ctrl = torch.from_numpy(codec.to_model(X[plan.rows[sl].ravel()].toarray())).view(-1, S, G)
-        cv = {k: torch.from_numpy(np.ascontiguousarray(v[sl])).to(device) for k, v in cov.items()}
+        return ctrl.to(device), {k: torch.from_numpy(np.ascontiguousarray(v[sl])).to(device) for k, v in cov.items()}
+
+    if N and auto_active(device):  # --threads auto: one sampler step of the first batch, timed per thread count
+        ctrl, cv = inputs(slice(0, min(batch_size, N)))
+        one_step = dataclasses.replace(settings, steps=1, start="full", solver="euler")
+        calibrate(lambda: run.process.sample(net, ctrl, cv, one_step, generator=torch.Generator().manual_seed(0)),
+                  "sampler step")
+    for c in tqdm(range(0, N, batch_size), disable=not progress, desc="sample", unit="batch", dynamic_ncols=True):
+        sl = slice(c, min(c + batch_size, N))
+        ctrl, cv = inputs(sl)
         gen = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + c)
-        x0 = run.process.sample(net, ctrl.to(device), cv, settings, generator=gen)
+        x0 = run.process.sample(net, ctrl, cv, settings, generator=gen)
         out[sl] = codec.zero_floor(x0).float().cpu().numpy()
     return out
 

@@ -74,7 +74,10 @@ class TwoStreamBlock(nn.Module):
         self.control = StreamModulation(hidden, mlp_ratio)
         self.attn = JointAttention(2 * hidden, heads, qk_norm)
 
-    def forward(self, x: torch.Tensor, xc: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, xc: torch.Tensor, c: torch.Tensor, *,
+                last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams after the block; with ``last`` the control stream's MLP, whose output no one reads, is
+        skipped (the target stream is the same to the bit)."""
         mod_x = self.target.adaLN_modulation(c).chunk(6, dim=-1)  # 6 × (B, H)
         mod_c = self.control.adaLN_modulation(c).chunk(6, dim=-1)  # 6 × (B, H)
         hx = modulate(self.target.norm1(x), mod_x[0], mod_x[1])  # (B, S, H)
@@ -83,7 +86,8 @@ class TwoStreamBlock(nn.Module):
         x = x + mod_x[2][:, None] * ax
         xc = xc + mod_c[2][:, None] * ac
         x = x + mod_x[5][:, None] * self.target.mlp(modulate(self.target.norm2(x), mod_x[3], mod_x[4]))
-        xc = xc + mod_c[5][:, None] * self.control.mlp(modulate(self.control.norm2(xc), mod_c[3], mod_c[4]))
+        if not last:
+            xc = xc + mod_c[5][:, None] * self.control.mlp(modulate(self.control.norm2(xc), mod_c[3], mod_c[4]))
         return x, xc  # (B, S, H) each
 
 

@@ -95,8 +95,8 @@ class Denoiser(nn.Module):
         x = self.x_in(x_in, ds) if self.n_datasets > 1 else self.x_in(x_in)  # (B, S, H)
         xc = self.ctrl_in(x_ctrl)  # (B, S, H)
         c = self.condition(t, cov, uncond)  # (B, H)
-        for block in self.blocks:
-            x, xc = block(x, xc, c)  # (B, S, H) each
+        for i, block in enumerate(self.blocks):
+            x, xc = block(x, xc, c, last=i == len(self.blocks) - 1)  # (B, S, H) each
         return self.final(x, c, ds)  # (B, S, G)
 
 

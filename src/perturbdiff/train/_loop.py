@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from perturbdiff._logging import logger
+from perturbdiff._threads import auto_active, calibrate
 from perturbdiff.config import Config
 from perturbdiff.data import SetLoader
 from perturbdiff.train._checkpoint import (
@@ -49,6 +51,7 @@ class TrainState:
     best_score: float = math.inf  # lower is better
     best_step: int = -1
     world_size: int = 1  # processes of the run that wrote the checkpoint
+    threads: int = 0  # CPU threads training ran with after this checkpoint (0: not recorded)
 
 
 class Trainer:
@@ -110,7 +113,7 @@ class Trainer:
         acc: dict[str, float] = {}
         n_cells, n_micro = 0, self.cfg.train.grad_accum
         for i in range(n_micro):
-            batch = next(batches)
+            batch = self._last_batch = next(batches)
             self.state.epoch, self.state.sets_in_epoch = self.loader.epoch, self.loader.sets_in_epoch
             n_cells += batch["target"].shape[0] * batch["target"].shape[1] * self.dist.world_size
             no_sync = self.ddp is not None and i < n_micro - 1
@@ -151,8 +154,37 @@ class Trainer:
         with self._data_parallel():
             return self._loop(max_steps or self.cfg.train.max_steps, progress)
 
+    def _measure_threads(self, batch: dict) -> None:
+        """``--threads auto``: time this batch's forward + backward at each thread count and keep the best. Leaves
+        no trace in the run (gradients dropped, generators restored; the next step re-seeds them anyway)."""
+        state = self.gen.get_state()
+
+        def work():
+            with torch.random.fork_rng(devices=[]):
+                self._loss_and_backward(batch)
+            self.opt.zero_grad(set_to_none=True)
+
+        self.net.train()
+        calibrate(work, "training step")
+        self.gen.set_state(state)
+
+    def _start_threads(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """The thread count a run starts with under ``auto``: the checkpoint's when resuming (so the rest of the run
+        is what an unbroken one computes), else measured on the first batch (which training then takes as usual)."""
+        if not auto_active(self.device) or self.dist.enabled:
+            return batches
+        if self.state.step > 0 and self.state.threads > 0:
+            torch.set_num_threads(self.state.threads)
+            logger.info("threads: %d (auto, as the run had at step %d)", self.state.threads, self.state.step)
+            return batches
+        first = next(batches)
+        self._measure_threads(first)
+        return itertools.chain([first], batches)
+
     def _loop(self, max_steps: int, progress: bool) -> TrainState:
         batches = self.loader.stream()
+        if self.state.step < max_steps:
+            batches = self._start_threads(batches)
         log = self._open_log()
         bar = tqdm(total=max_steps, initial=self.state.step, disable=not (progress and self.dist.is_main),
                    desc="train", unit="step", dynamic_ncols=True)
@@ -173,6 +205,8 @@ class Trainer:
                 if self.state.step % self.cfg.train.val_every == 0 or self.state.step == max_steps:
                     scores = self._validate() if self.dist.is_main else {}
                     row = {**(row or {"step": self.state.step, "epoch": self.state.epoch}), **scores}
+                    if self.state.step < max_steps and auto_active(self.device) and not self.dist.enabled:
+                        self._measure_threads(self._last_batch)  # a load that came since is caught here
                     self.save("last")
                     self._share_best()
                 if row is not None and log is not None:
@@ -229,6 +263,7 @@ class Trainer:
         tensors = {**{f"model.{k}": v for k, v in self.net.state_dict().items()},
                    **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
                    **opt_tensors, "rng.loss": self.gen.get_state(), "rng.torch": torch.get_rng_state()}
+        self.state.threads = torch.get_num_threads()
         meta = {**self.meta(), "state": asdict(self.state), "optimizer": opt_info}
         return save_checkpoint(path, tensors, meta)
 
