@@ -53,7 +53,33 @@ def test_calibrate_keeps_the_count_the_work_is_fastest_at(auto):
     def loaded():  # and now that they fall off the cliff
         time.sleep(0.012 if torch.get_num_threads() == 2 else 0.003)
 
-    assert threads.calibrate(loaded, "test") == 1 and torch.get_num_threads() == 1
+    assert threads.calibrate(loaded, "test", max_age=0.0) == 1 and torch.get_num_threads() == 1
+
+
+def test_a_recent_choice_is_reused_without_timing_and_measured_again_later(auto):
+    calls = []
+
+    def work():
+        calls.append(torch.get_num_threads())
+        time.sleep(0.001 if torch.get_num_threads() == 2 else 0.004)
+
+    assert threads.calibrate(work, "test") == 2
+    n = len(calls)
+    torch.set_num_threads(1)
+    assert threads.calibrate(work, "test") == 2 and len(calls) == n and torch.get_num_threads() == 2
+    assert threads.calibrate(work, "test", max_age=0.0) == 2 and len(calls) > n
+
+
+def test_a_count_far_off_the_fastest_after_its_warm_up_is_not_timed_further(auto):
+    calls = []
+
+    def work():
+        calls.append(torch.get_num_threads())
+        time.sleep(0.001 if torch.get_num_threads() == 1 else 0.02)
+
+    torch.set_num_threads(1)  # the untimed first call runs here
+    seconds = threads.time_counts(work, [1, 2], rounds=3)
+    assert calls.count(2) == 1 and seconds[2] > 10 * seconds[1]
 
 
 def test_omp_num_threads_in_the_environment_turns_auto_off(auto, monkeypatch):

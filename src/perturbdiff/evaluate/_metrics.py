@@ -10,6 +10,7 @@ skipping NaN; a metric cell-eval leaves undefined (e.g. ``pr_auc`` when the real
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 import time
@@ -100,7 +101,9 @@ def _cell_eval_context(
     """One ``MetricsEvaluator`` run (one context); returns per-perturbation metrics and the real DE table."""
     from cell_eval import MetricsEvaluator
 
-    with warnings.catch_warnings():  # constant-input / divide warnings from inside cell-eval's metrics
+    # constant-input / divide warnings from inside cell-eval's metrics; its progress bars (two per context and
+    # contender, on stderr) are dropped: "evaluated <contender> in N s" is our one line per contender
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore", RuntimeWarning)
         warnings.filterwarnings("ignore", message=".*constant.*")
         evaluator = MetricsEvaluator(
