@@ -102,7 +102,9 @@ class DiffusionConfig:
     # set conditions, scDFM; "control": the control cells themselves, transported to the perturbed ones, CellFlow),
     # how control cells pair with target cells within a set ("random" or "ot": minibatch optimal transport), how t is
     # drawn ("uniform" or "logit_normal") and what the network predicts ("endpoint" x̂1, the velocity derived from it,
-    # or "velocity" directly)
+    # or "velocity" directly: measured, it fails here — the velocity x1 − x0 carries the G-dimensional source noise,
+    # which an H-wide network cannot pass through, so its MSE stalls at the noise variance; kang pearson_delta
+    # 0.21 vs 0.91, docs/BENCHMARKS.md)
     flow_source: str = "noise"
     flow_pairing: str = "random"
     flow_time: str = "uniform"
