@@ -52,7 +52,9 @@ def run_perturbdiff(prep_path: Path, split_path: Path, out: Path, steps: int | N
     fit_s, fit_mb = timed(train, out / "train.log")
     pred_s, pred_mb = timed([sys.executable, "-m", "perturbdiff.cli", "predict", str(run), "--data", str(prep_path),
                              "--out", str(pred), "--seed", str(seed), "--no-progress"], out / "predict.log")
-    return {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb), "pred": pred}
+    timing = {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb)}
+    (out / "timing.json").write_text(json.dumps(timing))
+    return {**timing, "pred": pred}
 
 
 def state_inputs(prep, split, work: Path, seed: int) -> tuple[Path, Path, Path, Path]:
@@ -97,7 +99,9 @@ def state_inputs(prep, split, work: Path, seed: int) -> tuple[Path, Path, Path, 
     toml.write_text("\n".join(lines))
 
     rng = np.random.default_rng(seed)
-    blocks = []
+    blocks = []  # STATE's virtual experiment takes each group's basal cells from the control rows of the input
+    for ctx in dict.fromkeys(str(c[0][0]) for c in split.test):
+        blocks.append(data[np.flatnonzero((o[cc] == ctx).to_numpy() & (o[pc] == split.control).to_numpy())].copy())
     for (ctx, pert), n in zip(split.test, split.test_n_cells):
         pool = np.flatnonzero((o[cc] == str(ctx[0])).to_numpy() & (o[pc] == split.control).to_numpy())
         rows = rng.choice(pool, size=int(n), replace=len(pool) < n)
@@ -106,6 +110,7 @@ def state_inputs(prep, split, work: Path, seed: int) -> tuple[Path, Path, Path, 
         blocks.append(b)
     infer_in = work / "infer_in.h5ad"
     inp = ad.concat(blocks, index_unique="-")
+    inp.obs_names_make_unique()
     inp.var = var
     inp.uns["log1p"] = {"base": None}
     inp.write_h5ad(infer_in)
@@ -131,6 +136,8 @@ def run_state(prep, split, out: Path, venv: Path, steps: int, seed: int) -> dict
              "model.kwargs.transformer_backbone_kwargs.num_key_value_heads=4",
              "model.kwargs.transformer_backbone_kwargs.head_dim=32", f"training.max_steps={steps}",
              "training.batch_size=8", "training.val_freq=500", f"training.ckpt_every_n_steps={steps}"]
+    if (out / "run").exists():  # STATE resumes a finished run instead of training: its time would be wrong
+        sys.exit(f"{out / 'run'} exists: remove it to measure STATE again (or pass --reuse to keep its numbers)")
     fit_s, fit_mb = timed(train, out / "train.log")
     infer_out = out / "infer_out.h5ad"
     infer = [state, "tx", "infer", "--model-dir", str(out / "run"), "--checkpoint",
@@ -144,7 +151,9 @@ def run_state(prep, split, out: Path, venv: Path, steps: int, seed: int) -> dict
     pred = ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=list(prep.var_names)))
     path = out / "pred.h5ad"
     pred.write_h5ad(path)
-    return {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb), "pred": path}
+    timing = {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb)}
+    (out / "timing.json").write_text(json.dumps(timing))
+    return {**timing, "pred": path}
 
 
 HEAD = ["pr_auc", "roc_auc", "overlap_at_N", "pearson_delta", "r2", "mse"]
@@ -160,6 +169,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="bench_work", type=Path)
     ap.add_argument("--shared", default=str(SHARED))
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the runs already measured in the work folder (their timing.json)")
     args = ap.parse_args()
     import anndata as ad
 
@@ -173,12 +184,18 @@ def main() -> None:
         name = "perturbdiff" if steps == "default" else f"perturbdiff-{steps}"
         out = root / name
         out.mkdir(exist_ok=True)
-        runs[name] = run_perturbdiff(prep_path, split_path, out, None if steps == "default" else int(steps),
-                                     args.seed)
+        if args.reuse and (out / "timing.json").exists():  # measured before: its timing and prediction stand
+            runs[name] = {**json.loads((out / "timing.json").read_text()), "pred": out / "pred.h5ad"}
+        else:
+            runs[name] = run_perturbdiff(prep_path, split_path, out, None if steps == "default" else int(steps),
+                                         args.seed)
         print(f"{name}: {runs[name]['fit_s']:.0f} s fit, {runs[name]['predict_s']:.0f} s predict", flush=True)
     out = root / "state"
     out.mkdir(exist_ok=True)
-    runs["state"] = run_state(prep, split, out, args.state_venv, args.state_steps, args.seed)
+    if args.reuse and (out / "timing.json").exists():
+        runs["state"] = {**json.loads((out / "timing.json").read_text()), "pred": out / "pred.h5ad"}
+    else:
+        runs["state"] = run_state(prep, split, out, args.state_venv, args.state_steps, args.seed)
     print(f"state: {runs['state']['fit_s']:.0f} s fit, {runs['state']['predict_s']:.0f} s predict", flush=True)
     table, _ = score({k: ad.read_h5ad(v["pred"]) for k, v in runs.items()}, prep, split)
     result = {k: {**{m: float(table.loc[k, m]) for m in HEAD if m in table.columns},
