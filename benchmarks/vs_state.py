@@ -43,6 +43,19 @@ def timed(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, int(peak.split()[1]) / 1024
 
 
+def measured(out: Path, reuse: bool, run) -> dict:
+    """``run(out)`` -> {fit_s, predict_s, peak_mb}, kept in out/timing.json; with ``reuse`` an earlier timing stands.
+    Adds the prediction's path."""
+    path = out / "timing.json"
+    if reuse and path.exists():
+        timing = json.loads(path.read_text())
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        timing = run(out)
+        path.write_text(json.dumps(timing))
+    return {**timing, "pred": out / "pred.h5ad"}
+
+
 def run_perturbdiff(prep_path: Path, split_path: Path, out: Path, steps: int | None, seed: int) -> dict:
     run, pred = out / "run", out / "pred.h5ad"
     train = [sys.executable, "-m", "perturbdiff.cli", "train", str(prep_path), "--split", str(split_path), "--out",
@@ -52,9 +65,7 @@ def run_perturbdiff(prep_path: Path, split_path: Path, out: Path, steps: int | N
     fit_s, fit_mb = timed(train, out / "train.log")
     pred_s, pred_mb = timed([sys.executable, "-m", "perturbdiff.cli", "predict", str(run), "--data", str(prep_path),
                              "--out", str(pred), "--seed", str(seed), "--no-progress"], out / "predict.log")
-    timing = {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb)}
-    (out / "timing.json").write_text(json.dumps(timing))
-    return {**timing, "pred": pred}
+    return {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb)}
 
 
 def state_inputs(prep, split, work: Path, seed: int) -> tuple[Path, Path, Path, Path]:
@@ -149,11 +160,8 @@ def run_state(prep, split, out: Path, venv: Path, steps: int, seed: int) -> dict
     X = np.clip(np.asarray(res.obsm["X_hvg"])[keep], 0, None).astype(np.float32)
     obs = res.obs.loc[keep, [pc, cc]].astype(str).astype("category")
     pred = ad.AnnData(X=sp.csr_matrix(X), obs=obs, var=pd.DataFrame(index=list(prep.var_names)))
-    path = out / "pred.h5ad"
-    pred.write_h5ad(path)
-    timing = {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb)}
-    (out / "timing.json").write_text(json.dumps(timing))
-    return {**timing, "pred": path}
+    pred.write_h5ad(out / "pred.h5ad")
+    return {"fit_s": fit_s, "predict_s": pred_s, "peak_mb": max(fit_mb, pred_mb)}
 
 
 HEAD = ["pr_auc", "roc_auc", "overlap_at_N", "pearson_delta", "r2", "mse"]
@@ -182,20 +190,12 @@ def main() -> None:
     runs: dict[str, dict] = {}
     for steps in args.steps.split(","):
         name = "perturbdiff" if steps == "default" else f"perturbdiff-{steps}"
-        out = root / name
-        out.mkdir(exist_ok=True)
-        if args.reuse and (out / "timing.json").exists():  # measured before: its timing and prediction stand
-            runs[name] = {**json.loads((out / "timing.json").read_text()), "pred": out / "pred.h5ad"}
-        else:
-            runs[name] = run_perturbdiff(prep_path, split_path, out, None if steps == "default" else int(steps),
-                                         args.seed)
+        budget = None if steps == "default" else int(steps)
+        runs[name] = measured(root / name, args.reuse,
+                              lambda out, b=budget: run_perturbdiff(prep_path, split_path, out, b, args.seed))
         print(f"{name}: {runs[name]['fit_s']:.0f} s fit, {runs[name]['predict_s']:.0f} s predict", flush=True)
-    out = root / "state"
-    out.mkdir(exist_ok=True)
-    if args.reuse and (out / "timing.json").exists():
-        runs["state"] = {**json.loads((out / "timing.json").read_text()), "pred": out / "pred.h5ad"}
-    else:
-        runs["state"] = run_state(prep, split, out, args.state_venv, args.state_steps, args.seed)
+    runs["state"] = measured(root / "state", args.reuse,
+                             lambda out: run_state(prep, split, out, args.state_venv, args.state_steps, args.seed))
     print(f"state: {runs['state']['fit_s']:.0f} s fit, {runs['state']['predict_s']:.0f} s predict", flush=True)
     table, _ = score({k: ad.read_h5ad(v["pred"]) for k, v in runs.items()}, prep, split)
     result = {k: {**{m: float(table.loc[k, m]) for m in HEAD if m in table.columns},

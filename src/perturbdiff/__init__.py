@@ -12,6 +12,7 @@ from perturbdiff.config import Config
 _WHERE = {
     "PerturbDiff": "model", "Pretrained": "model", "finetune": "model", "load_run": "model",
     "log2_fold_changes": "evaluate", "collapse_diagnostic": "evaluate", "pseudobulk_of": "evaluate",
+    "set_threads": "_threads",
 }
 
 __all__ = [*_WHERE, "Config", "PerturbDiffError", "DataError", "ConfigError", "CheckpointError", "OutputError",

@@ -45,13 +45,10 @@ def parse_threads(value) -> str | int | None:
     """``"auto"``, a positive count, or None (leave torch alone); a ConfigError names anything else."""
     if value is None or value == AUTO:
         return value
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = 0
-    if n < 1 or str(value).strip() not in (str(n), f"{n}.0"):
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
         raise ConfigError(f"threads must be 'auto' or a whole number >= 1, got {value!r}")
-    return n
+    return int(text)
 
 
 def set_threads(spec: str | int | None) -> None:
@@ -63,10 +60,6 @@ def set_threads(spec: str | int | None) -> None:
     if isinstance(spec, int):
         torch.set_num_threads(spec)
         logger.info("threads: %d (--threads)", spec)
-
-
-def threads_policy() -> str | int | None:
-    return _POLICY["spec"]
 
 
 def auto_active(device="cpu") -> bool:

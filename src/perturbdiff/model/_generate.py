@@ -64,9 +64,9 @@ def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes:
              seed: int = 0, device=None, progress: bool = True, codec=None, network=None,
              batch_size: int = 64) -> np.ndarray:
     """Model-space cells [N, S, G] for every planned set: ``run.process.sample`` with the run's (or ``network``'s)
-    weights, in
-    batches of ``batch_size`` sets (batch c draws its noise from ``seed * 1_000_003 + c``), control sets from the
-    rows of ``X`` through the codec, values under the codec's floor zeroed. ``cov``: covariates per set [N, ...]."""
+    weights, in batches of ``batch_size`` sets (batch c draws its noise from ``seed * 1_000_003 + c``), control sets
+    from the rows of ``X`` through the codec, values under the codec's floor zeroed. ``cov``: covariates per set
+    [N, ...]."""
     codec = codec or run.codec
     device = torch.device(device or default_device())
     net = (network or run.network).to(device).eval()
@@ -82,14 +82,14 @@ def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes:
             ctrl = torch.from_numpy(codec.to_model(X[plan.rows[sl].ravel()].toarray())).view(-1, S, G)
         return ctrl.to(device), {k: torch.from_numpy(np.ascontiguousarray(v[sl])).to(device) for k, v in cov.items()}
 
+    first = inputs(slice(0, min(batch_size, N))) if N else None
     if N and auto_active(device):  # --threads auto: one sampler step of the first batch, timed per thread count
-        ctrl, cv = inputs(slice(0, min(batch_size, N)))
         one_step = dataclasses.replace(settings, steps=1, start="full", solver="euler")
-        calibrate(lambda: run.process.sample(net, ctrl, cv, one_step, generator=torch.Generator().manual_seed(0)),
+        calibrate(lambda: run.process.sample(net, *first, one_step, generator=torch.Generator().manual_seed(0)),
                   "sampler step")
     for c in tqdm(range(0, N, batch_size), disable=not progress, desc="sample", unit="batch", dynamic_ncols=True):
         sl = slice(c, min(c + batch_size, N))
-        ctrl, cv = inputs(sl)
+        ctrl, cv = first if c == 0 else inputs(sl)
         gen = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + c)
         x0 = run.process.sample(net, ctrl, cv, settings, generator=gen)
         out[sl] = codec.zero_floor(x0).float().cpu().numpy()

@@ -79,6 +79,7 @@ class Trainer:
         self.forward_net = torch.compile(self.net) if cfg.train.compile else self.net  # shares self.net's weights
         self.ddp: DistributedDataParallel | None = None  # set while fit() runs under several processes
         self.loss_net: Callable = self.forward_net
+        self._last_batch: dict | None = None  # the latest training batch: what --threads auto times at checkpoints
 
     # -- one step --------------------------------------------------------------------------------------
     def _autocast(self):
@@ -154,6 +155,10 @@ class Trainer:
         with self._data_parallel():
             return self._loop(max_steps or self.cfg.train.max_steps, progress)
 
+    def _auto_threads(self) -> bool:
+        """``--threads auto`` applies: CPU work in one process (under torchrun each rank keeps torch's count)."""
+        return auto_active(self.device) and not self.dist.enabled
+
     def _measure_threads(self, batch: dict) -> None:
         """``--threads auto``: time this batch's forward + backward at each thread count and keep the best. Leaves
         no trace in the run (gradients dropped, generators restored; the next step re-seeds them anyway)."""
@@ -171,7 +176,7 @@ class Trainer:
     def _start_threads(self, batches: Iterator[dict]) -> Iterator[dict]:
         """The thread count a run starts with under ``auto``: the checkpoint's when resuming (so the rest of the run
         is what an unbroken one computes), else measured on the first batch (which training then takes as usual)."""
-        if not auto_active(self.device) or self.dist.enabled:
+        if not self._auto_threads():
             return batches
         if self.state.step > 0 and self.state.threads > 0:
             torch.set_num_threads(self.state.threads)
@@ -205,7 +210,7 @@ class Trainer:
                 if self.state.step % self.cfg.train.val_every == 0 or self.state.step == max_steps:
                     scores = self._validate() if self.dist.is_main else {}
                     row = {**(row or {"step": self.state.step, "epoch": self.state.epoch}), **scores}
-                    if self.state.step < max_steps and auto_active(self.device) and not self.dist.enabled:
+                    if self.state.step < max_steps and self._auto_threads():
                         self._measure_threads(self._last_batch)  # a load that came since is caught here
                     self.save("last")
                     self._share_best()
