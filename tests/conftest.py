@@ -38,10 +38,19 @@ def synthetic_prep(synthetic_counts: AnnData, synthetic_keys: DataKeys) -> AnnDa
 
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
-    """The tests' tensors are tiny: one thread is faster and immune to oversubscription on shared 2-core boxes."""
+    """The tests' tensors are tiny: one thread is faster and immune to oversubscription on shared 2-core boxes.
+    OMP_NUM_THREADS=1 keeps the command line's ``--threads auto`` at that count too (auto obeys it), so two CLI
+    runs that must give the same bits do not time their way to different counts; tests/test_threads.py lifts it."""
+    import os
+
     import torch
 
-    n = torch.get_num_threads()
+    n, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(n)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env

@@ -45,13 +45,13 @@ def test_the_fewest_threads_within_ten_percent_of_the_fastest_win():
 
 
 def test_calibrate_keeps_the_count_the_work_is_fastest_at(auto):
-    def work():  # pretend two threads are 4x faster
-        time.sleep(0.002 if torch.get_num_threads() == 2 else 0.008)
+    def work():  # pretend two threads are 6x faster
+        time.sleep(0.005 if torch.get_num_threads() == 2 else 0.03)
 
     assert threads.calibrate(work, "test") == 2 and torch.get_num_threads() == 2
 
     def loaded():  # and now that they fall off the cliff
-        time.sleep(0.012 if torch.get_num_threads() == 2 else 0.003)
+        time.sleep(0.03 if torch.get_num_threads() == 2 else 0.005)
 
     assert threads.calibrate(loaded, "test", max_age=0.0) == 1 and torch.get_num_threads() == 1
 
@@ -61,7 +61,7 @@ def test_a_recent_choice_is_reused_without_timing_and_measured_again_later(auto)
 
     def work():
         calls.append(torch.get_num_threads())
-        time.sleep(0.001 if torch.get_num_threads() == 2 else 0.004)
+        time.sleep(0.005 if torch.get_num_threads() == 2 else 0.03)
 
     assert threads.calibrate(work, "test") == 2
     n = len(calls)
@@ -75,7 +75,7 @@ def test_a_count_far_off_the_fastest_after_its_warm_up_is_not_timed_further(auto
 
     def work():
         calls.append(torch.get_num_threads())
-        time.sleep(0.001 if torch.get_num_threads() == 1 else 0.02)
+        time.sleep(0.002 if torch.get_num_threads() == 1 else 0.06)
 
     torch.set_num_threads(1)  # the untimed first call runs here
     seconds = threads.time_counts(work, [1, 2], rounds=3)
