@@ -172,6 +172,9 @@ def test_report_is_one_self_contained_page(tmp_path):
     page = path.read_text()
     assert page.count("data:image/png;base64,") == 5  # bars, scatter, lfc, pca, sample spread
     assert "—" in page and "<img src='http" not in page
+    # the verdict, in words: pearson_delta ties (per-condition differences of +0.4 ... -0.2 straddle 0), r2 wins
+    assert "model against additive: 1 won, 1 tied, 0 lost" in page
+    assert "<h2>Glossary</h2>" in page and "Pearson r of predicted vs real mean shift" in page
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {
         f"{k}.png" for k in ("metrics", "scatter", "lfc", "pca", "spread")
     }

@@ -43,7 +43,16 @@ def run(args: argparse.Namespace) -> int:
     from perturbdiff.config import Config
     from perturbdiff.data import DataKeys, make_split, preprocess, register
     from perturbdiff.datasets import simulate
-    from perturbdiff.evaluate import build_real, context_column, evaluate_predictions, format_table, write_report
+    from perturbdiff.evaluate import (
+        build_real,
+        context_column,
+        evaluate_predictions,
+        format_table,
+        headline,
+        verdict_lines,
+        verdict_table,
+        write_report,
+    )
     from perturbdiff.model import PerturbDiff
 
     out = Path(args.out)
@@ -79,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
                         baselines=list(BASELINES), title="PerturbDiff demo (synthetic data, held-out cell type)")
     print()
     print(format_table(table))
+    print()
+    for line in verdict_lines(verdict_table(per, "perturbdiff", list(BASELINES), headline()), "perturbdiff"):
+        print(line)
     print(f"\nreport: {html.resolve()}")
     return 0
 

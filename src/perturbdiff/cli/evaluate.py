@@ -102,7 +102,16 @@ def _read_preds(paths: list[str], names: str | None, taken: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from perturbdiff.evaluate import build_real, context_column, evaluate_predictions, format_table, write_report
+    from perturbdiff.evaluate import (
+        build_real,
+        context_column,
+        evaluate_predictions,
+        format_table,
+        headline,
+        verdict_lines,
+        verdict_table,
+        write_report,
+    )
 
     adata, split, keys = load_inputs(args.data, args.split)
     base = baseline_names(args.baselines)
@@ -124,5 +133,9 @@ def run(args: argparse.Namespace) -> int:
         title=f"PerturbDiff evaluation: {split.name or Path(args.split).stem} ({args.subset})",
     )  # fmt: skip
     print(format_table(table))
+    model = next(iter(user), None)
+    if model is not None and base:
+        for line in verdict_lines(verdict_table(per, model, base, headline()), model):
+            print(line)
     print(f"report: {html}")
     return 0

@@ -11,7 +11,7 @@ from perturbdiff.cli import threads_argument
 
 CONTROLS_ONLY = ("perturbations", "context_keys", "input_kind", "pseudobulk", "doses",
                  "batch_key", "reference")
-DATA_ONLY = ("split", "subset")
+DATA_ONLY = ("split", "subset", "debias")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,11 +56,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-controls", action="store_true", help="write predicted cells only (no real control cells)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     threads_argument(p)
+    deb = p.add_argument_group("prediction-powered debiasing (split mode)")
+    deb.add_argument("--debias", action="store_true",
+                     help="also write conditions x genes pseudobulks corrected by the model's error on the split's "
+                          "validation conditions (measured, held out of training; at least 2), with prediction "
+                          "intervals and DE calls: OUT with .debiased.h5ad for .h5ad")
+    deb.add_argument("--level", type=float, default=0.9, help="--debias: interval level (default 0.9)")
+    deb.add_argument("--fdr", type=float, default=0.05, help="--debias: false discovery rate of DE calls (0.05)")
     p.add_argument("--out", required=True, help="output .h5ad (log1p, the layout cell-eval reads)")
 
 
 def _given(args: argparse.Namespace, names) -> list[str]:
-    defaults = {"missing_genes": "error", "pseudobulk": False}
+    defaults = {"missing_genes": "error", "pseudobulk": False, "debias": False}
     return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) not in (None, defaults.get(n))]
 
 
@@ -79,6 +86,9 @@ def check_mode(args: argparse.Namespace) -> str:
     if wrong:
         mode = "--data" if args.data else "--controls"
         raise ConfigError(f"{', '.join(wrong)} cannot be used with {mode}")
+    for flag, value in (("--level", args.level), ("--fdr", args.fdr)):
+        if not 0 < value < 1:
+            raise ConfigError(f"{flag} must lie in (0, 1), got {value}")
     if args.controls:
         missing = [f for f, v in (("--perturbations", args.perturbations), ("--context-keys", args.context_keys),
                                   ("--input-kind", args.input_kind)) if not v]
@@ -106,12 +116,30 @@ def parse_list(text: str, what: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from perturbdiff._io import atomic_write
 
-    pred = _predict_controls(args) if check_mode(args) == "controls" else _predict_split(args)
+    bulk = None
+    if check_mode(args) == "controls":
+        pred = _predict_controls(args)
+    else:
+        pred, bulk = _predict_split(args)
     atomic_write(args.out, pred.write_h5ad)
     n_pred = int(pred.obs["predicted"].sum())
     unit = "pseudobulk rows" if "n_cells" in pred.obs else "cells"
     print(f"wrote {args.out}: {n_pred} predicted {unit}, {pred.n_obs - n_pred} control {unit}, {pred.n_vars} genes")
+    if bulk is not None:
+        path = debiased_path(args.out)
+        atomic_write(path, bulk.write_h5ad)
+        info = bulk.uns["debias"]
+        print(f"wrote {path}: {bulk.n_obs} debiased conditions (lambda {info['lam']:.2f}, {info['n_related']} related "
+              f"held-out conditions), DE genes called at FDR {args.fdr:g}: "
+              + ", ".join(f"{name} {int(n)}" for name, n in bulk.obs["n_de"].items()))
     return 0
+
+
+def debiased_path(out: str | Path) -> Path:
+    """Where ``--debias`` writes: OUT with ``.debiased.h5ad`` in place of ``.h5ad``."""
+    out = Path(out)
+    stem = out.name[: -len(".h5ad")] if out.name.endswith(".h5ad") else out.name
+    return out.with_name(f"{stem}.debiased.h5ad")
 
 
 def _predict_split(args: argparse.Namespace):
@@ -121,17 +149,31 @@ def _predict_split(args: argparse.Namespace):
 
     adata = read_h5ad(args.data)
     if is_pretrained_run(args.run, args.checkpoint):
-        return _zero_shot(args, adata)
+        if args.debias:
+            raise ConfigError("--debias needs a task run (train or finetune): a pretraining run has no held-out "
+                              "conditions to measure its error on")
+        return _zero_shot(args, adata), None
     if args.from_dataset:
         raise ConfigError("--from-dataset applies to zero-shot prediction with a `perturbdiff pretrain` run only")
     model = PerturbDiff.load(args.run, adata=adata, which=args.checkpoint)
     if args.split:
         model.split = Split.read(args.split)
-    return model.predict(subset=args.subset or "test", n_cells=args.n_cells, n_samples=args.n_samples,
+    if args.debias:  # every problem with the related conditions named before any generation
+        from perturbdiff.data import align_genes
+        from perturbdiff.model._debias import check_related
+
+        if model.split is None:
+            raise ConfigError("--debias needs a split (--split, or the one saved with the run)")
+        check_related(model, None, model.split.subset(args.subset or "test"),
+                      align_genes(adata, model.genes, missing_genes=args.missing_genes))
+    pred = model.predict(subset=args.subset or "test", n_cells=args.n_cells, n_samples=args.n_samples,
                          guidance=args.guidance, steps=args.steps, start=args.start, solver=args.solver,
                          seed=args.seed, include_controls=not args.no_controls, progress=not args.no_progress,
                          device=args.device,
                          missing_genes=args.missing_genes, unknown_perturbations=args.unknown_perturbations)
+    bulk = (model.debias(pred, level=args.level, fdr=args.fdr, progress=not args.no_progress, device=args.device)
+            if args.debias else None)
+    return pred, bulk
 
 
 def _zero_shot(args: argparse.Namespace, adata):

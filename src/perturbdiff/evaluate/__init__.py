@@ -4,6 +4,7 @@
 ``evaluate_predictions({name: pred}, real, ...)`` scores several (model and baselines);
 ``write_report`` draws the figures and the HTML page. ``METRICS`` / ``metric(name)`` describe every metric.
 ``log2_fold_changes``, ``pseudobulk_of`` and ``collapse_diagnostic`` summarise a prediction of responses.
+``verdict_table`` / ``verdict_lines`` say per metric and baseline whether a model wins, ties or loses.
 """
 
 from perturbdiff.evaluate._layout import build_real, context_column, make_pair
@@ -17,6 +18,7 @@ from perturbdiff.evaluate._metrics import (
 from perturbdiff.evaluate._registry import METRICS, Metric, headline, lower_is_better, metric
 from perturbdiff.evaluate._report import write_report
 from perturbdiff.evaluate._response import collapse_diagnostic, log2_fold_changes, pseudobulk_of
+from perturbdiff.evaluate._verdict import verdict, verdict_lines, verdict_table
 
 __all__ = [
     "METRICS",
@@ -35,5 +37,8 @@ __all__ = [
     "metric",
     "pseudobulk_of",
     "pseudobulk_r2",
+    "verdict",
+    "verdict_lines",
+    "verdict_table",
     "write_report",
 ]

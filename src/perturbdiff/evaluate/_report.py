@@ -25,7 +25,8 @@ from perturbdiff._io import atomic_write, atomic_write_text
 from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import SAMPLE_COL
 from perturbdiff.evaluate._metrics import KEY_COLS
-from perturbdiff.evaluate._registry import headline, is_score, label, lower_is_better, scatter_metrics
+from perturbdiff.evaluate._registry import METRICS, headline, is_score, label, lower_is_better, scatter_metrics
+from perturbdiff.evaluate._verdict import LOSS, TIE, WIN, verdict_lines, verdict_table
 
 MODEL_COLOR, BASE_COLOR, REAL_COLOR, CTRL_COLOR = "#d62728", "#7f7f7f", "#1f77b4", "#bbbbbb"
 
@@ -305,10 +306,44 @@ def write_report(
         figs.append(("pca", f"PCA of control, real and {model} cells", fig_pca(preds[model], real, conds, **kw)))
         spread = sample_spread(preds[model], real, **kw)
         figs.append(("spread", "Spread between sampled response distributions", fig_spread(spread)))
-    return _write_html(out, title, results, per_condition, model, figs, spread)
+    verdicts = (verdict_table(per_condition, model, baselines, headline())
+                if per_condition and model in per_condition and baselines else None)
+    return _write_html(out, title, results, per_condition, model, figs, spread, verdicts)
 
 
-def _write_html(out, title, results, per_condition, model, figs, spread) -> Path:
+_VERDICT_COLOR = {WIN: "#c7e9c0", TIE: "#eeeeee", LOSS: "#fcbba1"}
+
+
+def _verdict_html(verdicts: pd.DataFrame, model: str) -> str:
+    """The plain sentences and the metric × baseline table of wins, ties and losses (coloured)."""
+    lines = "".join(f"<li>{html.escape(t)}</li>" for t in verdict_lines(verdicts, model))
+    head = "".join(f"<th>{html.escape(b)}</th>" for b in verdicts.columns)
+    body = "".join(
+        f"<tr><th>{html.escape(label(m))}</th>"
+        + "".join(f"<td style='background:{_VERDICT_COLOR.get(v, '#fff')}'>{html.escape(v)}</td>" for v in row)
+        + "</tr>"
+        for m, row in verdicts.iterrows())
+    return (f"<h2>Verdict</h2><ul>{lines}</ul><p>Per condition, {html.escape(model)} minus the baseline; a win or "
+            "loss only when the paired 90 % interval of the mean difference over conditions excludes 0 (fewer "
+            "than 3 conditions: a difference above 2 % of the baseline's value), else a tie.</p>"
+            f"<table><tr><th></th>{head}</tr>{body}</table>")
+
+
+def _glossary_html(columns) -> str:
+    """Every metric shown: its name as cell-eval gives it, the short title, what it measures, which way is better."""
+    rows = []
+    for name in columns:
+        m = METRICS.get(name)
+        if m is None:
+            continue
+        best = {"higher": "higher is better", "lower": "lower is better"}.get(m.best, "a count")
+        rows.append(f"<tr><th>{html.escape(label(name))}</th><td style='text-align:left'>{html.escape(name)}</td>"
+                    f"<td style='text-align:left'>{html.escape(m.description)}</td><td>{best}</td></tr>")
+    return ("<h2>Glossary</h2><table><tr><th>title</th><th>name</th><th>what it measures</th><th></th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _write_html(out, title, results, per_condition, model, figs, spread, verdicts=None) -> Path:
     sections = []
     for key, caption, fig in figs:
         if fig is None:
@@ -321,6 +356,7 @@ def _write_html(out, title, results, per_condition, model, figs, spread) -> Path
     parts = [
         f"<h1>{html.escape(title)}</h1><p>{stamp}. Metrics from cell-eval (names as cell-eval gives them) "
         "plus r2; mean over conditions; — = undefined.</p>",
+        *([_verdict_html(verdicts, model)] if verdicts is not None and len(verdicts) else []),
         "<h2>Summary</h2>",
         _html_table(results, headline(), True),
         "<details><summary>All metrics</summary>",
@@ -337,6 +373,7 @@ def _write_html(out, title, results, per_condition, model, figs, spread) -> Path
         per = per_condition[model].set_index(KEY_COLS)
         per.index = [f"{c} / {p}" for c, p in per.index]
         parts += [f"<h2>Per condition: {html.escape(model)}</h2>", _html_table(per, headline(), False)]
+    parts.append(_glossary_html(list(results.columns)))
     page = (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
