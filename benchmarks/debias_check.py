@@ -29,12 +29,12 @@ def real_de(adata, keys, conditions, fdr: float = 0.05) -> np.ndarray:
     """[J, G] genes whose real cells differ from their context's controls (Wilcoxon, BH-adjusted p < fdr)."""
     import scanpy as sc
 
-    from perturbdiff.model._debias import _codes_of
+    from perturbdiff.model._debias import codes_of
 
     out = np.zeros((len(conditions), adata.n_vars), bool)
     for j, (ctx, pert) in enumerate(conditions):
-        cells = np.flatnonzero(_codes_of(adata, keys, [(ctx, pert)]) == 0)
-        ctrl = np.flatnonzero(_codes_of(adata, keys, [(ctx, keys.control_value)]) == 0)
+        cells = np.flatnonzero(codes_of(adata, keys, [(ctx, pert)]) == 0)
+        ctrl = np.flatnonzero(codes_of(adata, keys, [(ctx, keys.control_value)]) == 0)
         sub = adata[np.concatenate([cells, ctrl])].copy()
         sub.obs["group"] = np.repeat(["pert", "ctrl"], [len(cells), len(ctrl)])
         with warnings.catch_warnings():
@@ -49,8 +49,8 @@ def check_run(run_dir: Path, prep, *, level: float, fdr: float) -> dict:
     from sklearn.metrics import r2_score
 
     from perturbdiff import PerturbDiff
-    from perturbdiff.evaluate._debias import debias_responses
-    from perturbdiff.model._debias import generated_responses, measured_responses
+    from perturbdiff.evaluate import debias_responses
+    from perturbdiff.model import generated_responses, measured_responses
 
     model = PerturbDiff.load(run_dir, adata=prep)
     held = [*model.split.val, *model.split.test]

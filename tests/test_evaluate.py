@@ -111,12 +111,15 @@ def test_r2_matches_sklearn_per_condition():
     r2 = pseudobulk_r2(full, real2, pert_col=PERT, control=CTRL, context_col=CTX).set_index(["context", "perturbation"])
     assert len(r2) == 4
 
-    def pb(a: AnnData) -> np.ndarray:
-        m = ((a.obs[CTX] == "c2") & (a.obs[PERT] == "B")).to_numpy()
+    def pb(a: AnnData, pert: str = "B") -> np.ndarray:
+        m = ((a.obs[CTX] == "c2") & (a.obs[PERT] == pert)).to_numpy()
         return np.asarray(a.X[m].mean(axis=0)).ravel()
 
     assert r2.loc[("c2", "B"), "r2"] == pytest.approx(r2_score(pb(real2), pb(full)))
     assert 0.5 < r2.loc[("c2", "B"), "r2"] < 1.0
+    ctrl = pb(real2, CTRL)
+    assert r2.loc[("c2", "B"), "r2_delta"] == pytest.approx(r2_score(pb(real2) - ctrl, pb(full) - ctrl))
+    assert r2.loc[("c2", "B"), "r2_delta"] < r2.loc[("c2", "B"), "r2"]  # the basal profile no longer counts
 
 
 def test_select_sample_keeps_first():
@@ -218,7 +221,7 @@ def test_registry_holds_the_metric_lists_and_agrees_with_cell_eval():
 
     assert headline() == ["overlap_at_N", "precision_at_N", "de_direction_match", "de_spearman_lfc_sig", "pr_auc",
                           "roc_auc", "pearson_delta", "mse", "mae", "discrimination_score_l1",
-                          "discrimination_score_l2", "discrimination_score_cosine", "r2"]  # fmt: skip
+                          "discrimination_score_l2", "discrimination_score_cosine", "r2", "r2_delta"]  # fmt: skip
     assert scatter_metrics() == ["pearson_delta", "r2", "pr_auc", "overlap_at_N", "mse", "discrimination_score_l1"]
     assert {m for m in METRICS if lower_is_better(m)} == {"mse", "mae", "mse_delta", "mae_delta", "energy_distance"}
     assert {m for m in METRICS if not is_score(m)} == {"de_nsig_counts_real", "de_nsig_counts_pred"}

@@ -2,6 +2,8 @@
 
 Builds the real side from the data and the split, fits the chosen baselines on the fly, scores every contender
 with cell-eval + R², writes per_condition.csv, aggregate.csv, figures/ and report.html, and prints a short table.
+With ``--scorer cell-eval2`` it scores them with cell-eval2's preset instead and writes cell_eval2.csv (long) and
+cell_eval2_summary.csv (contender x scaled member).
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the baselines' control-cell sampling")
     parser.add_argument("--num-threads", type=int, default=2, help="threads for cell-eval's DE tests")
     parser.add_argument("--profile", default="full", help="cell-eval metric profile (full, minimal, de, ...)")
+    parser.add_argument(
+        "--scorer", default="cell-eval", choices=["cell-eval", "cell-eval2"],
+        help="cell-eval (0.8.2, the reference: tables, figures, report.html) or cell-eval2 (0.20.0, optional: its "
+        "preset's members on a 0 = mean-response baseline, 1 = replicate scale; needs perturbdiff[eval2])",
+    )  # fmt: skip
+    parser.add_argument(
+        "--preset", default=None, help="cell-eval2 preset (default vcc2026); only with --scorer cell-eval2"
+    )
     parser.add_argument("--out", required=True, help="output folder for CSVs, figures and report.html")
 
 
@@ -101,6 +111,44 @@ def _read_preds(paths: list[str], names: str | None, taken: list[str]) -> dict:
     return preds
 
 
+def check_scorer(args: argparse.Namespace) -> None:
+    """--preset belongs to cell-eval2; cell-eval2 and the preset are checked before any work."""
+    if args.scorer == "cell-eval2":
+        from perturbdiff.evaluate import check_cell_eval2
+
+        args.preset = args.preset or "vcc2026"
+        check_cell_eval2(args.preset)
+    elif args.preset is not None:
+        raise ConfigError("--preset applies only to --scorer cell-eval2")
+
+
+def run_cell_eval2(preds: dict, real, split, ctx_col: str, args: argparse.Namespace) -> int:
+    """Every contender through cell-eval2 (shared real-side references); cell_eval2.csv + cell_eval2_summary.csv."""
+    import pandas as pd
+
+    from perturbdiff._io import atomic_write_text
+    from perturbdiff.evaluate import format_summary, score_cell_eval2, summary_table
+
+    refs: dict = {}
+    frames = []
+    for name, pred in preds.items():
+        start = time.perf_counter()
+        frame = score_cell_eval2(pred, real, pert_col=split.pert_col, control=split.control, context_col=ctx_col,
+                                 preset=args.preset, num_threads=args.num_threads, refs=refs)  # fmt: skip
+        frames.append(frame.assign(contender=name))
+        logger.info(f"cell-eval2 ({args.preset}) scored {name} in {time.perf_counter() - start:.1f} s")
+    long = pd.concat(frames, ignore_index=True)
+    long = long[["contender", *[c for c in long.columns if c != "contender"]]]
+    table = summary_table(long)
+    out = Path(args.out)
+    atomic_write_text(out / "cell_eval2.csv", long.to_csv(index=False))
+    atomic_write_text(out / "cell_eval2_summary.csv", table.to_csv())
+    print(f"cell-eval2 {args.preset}: 0 = mean-response baseline, 1 = replicate of the measurement")
+    print(format_summary(table))
+    print(f"tables: {out / 'cell_eval2.csv'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from perturbdiff.evaluate import (
         build_real,
@@ -113,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
         write_report,
     )
 
+    check_scorer(args)
     adata, split, keys = load_inputs(args.data, args.split)
     base = baseline_names(args.baselines)
     user = _read_preds(args.preds, args.names, base)
@@ -121,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     real, ctx_col = context_column(build_real(adata, split, args.subset), split.context_cols)
     preds = {name: context_column(p, split.context_cols)[0] for name, p in user.items()}
     preds.update(run_baselines(base, adata, split, keys, args.subset, args.seed))
+    if args.scorer == "cell-eval2":
+        return run_cell_eval2(preds, real, split, ctx_col, args)
     start = time.perf_counter()
     table, per = evaluate_predictions(
         preds, real, pert_col=split.pert_col, control=split.control, context_col=ctx_col,

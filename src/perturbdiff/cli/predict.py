@@ -63,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           "intervals and DE calls: OUT with .debiased.h5ad for .h5ad")
     deb.add_argument("--level", type=float, default=0.9, help="--debias: interval level (default 0.9)")
     deb.add_argument("--fdr", type=float, default=0.05, help="--debias: false discovery rate of DE calls (0.05)")
+    deb.add_argument("--min-effect", type=float, default=0.05,
+                     help="--debias: the response (log1p) a DE call must exceed (default 0.05, chosen on validation)")
     p.add_argument("--out", required=True, help="output .h5ad (log1p, the layout cell-eval reads)")
 
 
@@ -89,6 +91,8 @@ def check_mode(args: argparse.Namespace) -> str:
     for flag, value in (("--level", args.level), ("--fdr", args.fdr)):
         if not 0 < value < 1:
             raise ConfigError(f"{flag} must lie in (0, 1), got {value}")
+    if args.min_effect < 0:
+        raise ConfigError(f"--min-effect must be at least 0, got {args.min_effect}")
     if args.controls:
         missing = [f for f, v in (("--perturbations", args.perturbations), ("--context-keys", args.context_keys),
                                   ("--input-kind", args.input_kind)) if not v]
@@ -160,7 +164,7 @@ def _predict_split(args: argparse.Namespace):
         model.split = Split.read(args.split)
     if args.debias:  # every problem with the related conditions named before any generation
         from perturbdiff.data import align_genes
-        from perturbdiff.model._debias import check_related
+        from perturbdiff.model import check_related
 
         if model.split is None:
             raise ConfigError("--debias needs a split (--split, or the one saved with the run)")
@@ -171,8 +175,8 @@ def _predict_split(args: argparse.Namespace):
                          seed=args.seed, include_controls=not args.no_controls, progress=not args.no_progress,
                          device=args.device,
                          missing_genes=args.missing_genes, unknown_perturbations=args.unknown_perturbations)
-    bulk = (model.debias(pred, level=args.level, fdr=args.fdr, progress=not args.no_progress, device=args.device)
-            if args.debias else None)
+    bulk = (model.debias(pred, level=args.level, fdr=args.fdr, min_effect=args.min_effect,
+                         progress=not args.no_progress, device=args.device) if args.debias else None)
     return pred, bulk
 
 

@@ -5,8 +5,12 @@
 ``write_report`` draws the figures and the HTML page. ``METRICS`` / ``metric(name)`` describe every metric.
 ``log2_fold_changes``, ``pseudobulk_of`` and ``collapse_diagnostic`` summarise a prediction of responses.
 ``verdict_table`` / ``verdict_lines`` say per metric and baseline whether a model wins, ties or loses.
+``debias_responses`` / ``ppi_mean``: prediction-powered estimates with intervals; ``score_cell_eval2``: the optional
+second scorer (cell-eval2, ``perturbdiff[eval2]``).
 """
 
+from perturbdiff.evaluate._cell_eval2 import check_cell_eval2, format_summary, score_cell_eval2, summary_table
+from perturbdiff.evaluate._debias import MIN_RELATED, Debiased, PPIMean, debias_responses, ppi_mean, tune_lambda
 from perturbdiff.evaluate._layout import build_real, context_column, make_pair
 from perturbdiff.evaluate._metrics import (
     aggregate_metrics,
@@ -22,21 +26,31 @@ from perturbdiff.evaluate._verdict import verdict, verdict_lines, verdict_table
 
 __all__ = [
     "METRICS",
+    "MIN_RELATED",
+    "Debiased",
     "Metric",
+    "PPIMean",
     "aggregate_metrics",
     "build_real",
+    "check_cell_eval2",
     "collapse_diagnostic",
     "context_column",
+    "debias_responses",
     "evaluate",
     "evaluate_predictions",
+    "format_summary",
     "format_table",
     "headline",
     "log2_fold_changes",
     "lower_is_better",
     "make_pair",
     "metric",
+    "ppi_mean",
     "pseudobulk_of",
     "pseudobulk_r2",
+    "score_cell_eval2",
+    "summary_table",
+    "tune_lambda",
     "verdict",
     "verdict_lines",
     "verdict_table",

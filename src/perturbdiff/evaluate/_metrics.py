@@ -38,7 +38,9 @@ def _pseudobulks(adata: AnnData, groups: pd.Series) -> tuple[pd.Index, np.ndarra
 
 
 def pseudobulk_r2(pred: AnnData, real: AnnData, *, pert_col: str, control: str, context_col: str) -> pd.DataFrame:
-    """R² = r2_score(real pseudobulk, predicted pseudobulk) over genes, per (context, perturbation)."""
+    """Per (context, perturbation): ``r2`` = r2_score(real pseudobulk, predicted pseudobulk) over genes, and
+    ``r2_delta`` the same for the shifts from the context's real control pseudobulk (absolute R² rewards getting the
+    basal profile right, which the control cells alone already do; R² of Δ scores the response only)."""
     from sklearn.metrics import r2_score
 
     def keyed(a: AnnData) -> pd.Series:
@@ -52,8 +54,11 @@ def pseudobulk_r2(pred: AnnData, real: AnnData, *, pert_col: str, control: str, 
         if pert == control:
             continue
         j = p_keys.get_loc(key)
-        rows.append({"context": ctx, "perturbation": pert, "r2": float(r2_score(r_pb[i], p_pb[j]))})
-    return pd.DataFrame(rows, columns=[*KEY_COLS, "r2"])
+        c = r_keys.get_loc(f"{ctx}\x1f{control}") if f"{ctx}\x1f{control}" in r_keys else None
+        r2_delta = float(r2_score(r_pb[i] - r_pb[c], p_pb[j] - r_pb[c])) if c is not None else float("nan")
+        rows.append({"context": ctx, "perturbation": pert, "r2": float(r2_score(r_pb[i], p_pb[j])),
+                     "r2_delta": r2_delta})
+    return pd.DataFrame(rows, columns=[*KEY_COLS, "r2", "r2_delta"])
 
 
 class _Collect(logging.Handler):

@@ -74,6 +74,9 @@ METRICS: dict[str, Metric] = _metrics(
            label="pds_cosine", headline=11),
     Metric("r2", _E, "higher", "R² of the real pseudobulk by the predicted one, over genes", headline=12, scatter=1,
            cell_eval=False),
+    Metric("r2_delta", _E, "higher", "R² of the real shift from the control pseudobulk by the predicted shift, over "
+           "genes (the response only: the control cells alone score 0)", label="r2_Δ", headline=13,
+           cell_eval=False),
     # -- the rest of cell-eval's full profile ----------------------------------------------------------------
     Metric("mse_delta", _E, "lower", "mean squared error of the shifts from control"),
     Metric("mae_delta", _E, "lower", "mean absolute error of the shifts from control"),

@@ -9,10 +9,6 @@ real data's bootstrap spread.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +17,24 @@ import scipy.sparse as sp
 from anndata import AnnData
 from matplotlib.figure import Figure
 
-from perturbdiff._io import atomic_write, atomic_write_text
 from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import SAMPLE_COL
 from perturbdiff.evaluate._metrics import KEY_COLS
-from perturbdiff.evaluate._registry import METRICS, headline, is_score, label, lower_is_better, scatter_metrics
-from perturbdiff.evaluate._verdict import LOSS, TIE, WIN, verdict_lines, verdict_table
+from perturbdiff.evaluate._page import experiment_card, write_html
+from perturbdiff.evaluate._registry import headline, label, lower_is_better, scatter_metrics
+from perturbdiff.evaluate._verdict import verdict_table
 
 MODEL_COLOR, BASE_COLOR, REAL_COLOR, CTRL_COLOR = "#d62728", "#7f7f7f", "#1f77b4", "#bbbbbb"
+NCOL, PANEL = 3, 3.6  # figures are grids of at most 3 panels a row, 3.6 in each: ≤ 1,200 px wide, never shrunk
+FONT, SMALL = 10, 9  # points at 110 dpi: ≥ 13 px on the page at 100 % zoom
+
+
+def _grid(n: int, ncol: int = NCOL, height: float = PANEL) -> tuple[Figure, list]:
+    """A figure of ``n`` panels, ``ncol`` a row."""
+    ncol = min(ncol, n)
+    nrow = -(-n // ncol)
+    fig = Figure(figsize=(PANEL * ncol, height * nrow), layout="constrained")
+    return fig, [fig.add_subplot(nrow, ncol, i + 1) for i in range(n)]
 
 
 def _dense(X) -> np.ndarray:
@@ -58,22 +64,42 @@ def best_baseline(table: pd.DataFrame, metric: str, baselines: list[str]) -> str
     return str(vals.idxmin() if lower_is_better(metric) else vals.idxmax())
 
 
-def fig_metric_bars(table: pd.DataFrame, model: str | None) -> Figure | None:
-    """One panel per headline metric: a bar per contender (model in red)."""
+def _sem(per_condition, names, metric) -> np.ndarray:
+    """Standard error over conditions of each contender's ``metric`` (NaN where unknown)."""
+    out = []
+    for n in names:
+        df = (per_condition or {}).get(n)
+        v = pd.to_numeric(df[metric], errors="coerce").dropna() if df is not None and metric in df else pd.Series()
+        out.append(float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else np.nan)
+    return np.asarray(out)
+
+
+def fig_metric_bars(table: pd.DataFrame, model: str | None, per_condition=None) -> Figure | None:
+    """One panel per headline metric: a bar per contender (model in red), its value written on it; the axis starts
+    near the lowest value so that differences between contenders are visible (read the numbers, not the heights)."""
     metrics = [m for m in headline() if m in table.columns and table[m].notna().any()]
     if not metrics:
         return None
-    ncol = 4
-    nrow = -(-len(metrics) // ncol)
-    fig = Figure(figsize=(3.2 * ncol, 2.6 * nrow), layout="constrained")
+    fig, axes = _grid(len(metrics), height=3.0)
     names = list(table.index)
     colors = [MODEL_COLOR if n == model else BASE_COLOR for n in names]
-    for i, m in enumerate(metrics):
-        ax = fig.add_subplot(nrow, ncol, i + 1)
+    for ax, m in zip(axes, metrics):
         vals = pd.to_numeric(table[m], errors="coerce").to_numpy()
-        ax.bar(range(len(names)), np.nan_to_num(vals), color=colors)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set_title(_title(m), fontsize=9)
+        err = _sem(per_condition, names, m)
+        e = np.where(np.isfinite(err), err, 0.0)
+        ok = np.isfinite(vals)
+        lo, hi = float((vals - e)[ok].min()), float((vals + e)[ok].max())
+        pad = 0.1 * (hi - lo) or 0.05 * max(abs(hi), 1e-3)
+        base = lo - pad if lo - pad > 0 or lo < 0 else 0.0
+        ax.bar(range(len(names)), np.nan_to_num(vals - base), bottom=base, color=colors, yerr=e,
+               error_kw={"lw": 0.8, "capsize": 2})
+        for x, v in enumerate(vals):
+            if np.isfinite(v):
+                ax.text(x + 0.05, v, f"{v:.3f}", ha="left", va="bottom", fontsize=SMALL - 1)
+        ax.set_ylim(base, hi + 2 * pad)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=SMALL)
+        ax.tick_params(axis="y", labelsize=SMALL)
+        ax.set_title(_title(m), fontsize=FONT)
     return fig
 
 
@@ -89,16 +115,20 @@ def fig_scatter(per: dict[str, pd.DataFrame], table: pd.DataFrame, model: str, b
             panels.append((m, b, joined))
     if not panels:
         return None
-    fig = Figure(figsize=(3.3 * len(panels), 3.3), layout="constrained")
-    for i, (m, b, j) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
+    fig, axes = _grid(len(panels))
+    for ax, (m, b, j) in zip(axes, panels):
         x, y = j[f"{m}_b"].to_numpy(float), j[f"{m}_m"].to_numpy(float)
-        ax.scatter(x, y, s=14, color=MODEL_COLOR)
+        ax.scatter(x, y, s=18, color=MODEL_COLOR)
+        if len(j) <= 12:  # few conditions: name each point
+            for xi, yi, c, p in zip(x, y, j["context"], j["perturbation"]):
+                ax.annotate(f"{c}/{p}", (xi, yi), fontsize=SMALL - 2, xytext=(3, 3), textcoords="offset points")
         lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         ax.plot([lo, hi], [lo, hi], color="black", lw=0.8, ls="--")
-        ax.set_xlabel(f"{b} (best baseline)", fontsize=8)
-        ax.set_ylabel(model, fontsize=8)
-        ax.set_title(_title(m), fontsize=9)
+        better = "below" if lower_is_better(m) else "above"
+        ax.set_xlabel(f"{b} (best baseline)", fontsize=SMALL)
+        ax.set_ylabel(f"{model} ({better} the line: {model} better)", fontsize=SMALL)
+        ax.tick_params(labelsize=SMALL)
+        ax.set_title(_title(m), fontsize=FONT)
     return fig
 
 
@@ -114,13 +144,15 @@ def top_conditions(real: AnnData, pert_col: str, control: str, context_col: str,
     return [(c, p) for _, c, p in sorted(scored, reverse=True)[:n]]
 
 
+FLAT = 0.02  # |real Δ| below this: a gene that does not respond
+
+
 def fig_lfc(preds, real, conds, *, model, other, pert_col, control, context_col) -> Figure | None:
     """Predicted vs real Δ = pseudobulk − control pseudobulk (log1p ≈ natural-log fold change)."""
     if not conds:
         return None
-    fig = Figure(figsize=(3.2 * len(conds), 3.3), layout="constrained")
-    for i, (ctx, pert) in enumerate(conds):
-        ax = fig.add_subplot(1, len(conds), i + 1)
+    fig, axes = _grid(len(conds))
+    for ax, (ctx, pert) in zip(axes, conds):
         ctrl = _mean(real, _cond_mask(real, ctx, control, pert_col, context_col))
         x = _mean(real, _cond_mask(real, ctx, pert, pert_col, context_col)) - ctrl
         for name, color in ((other, BASE_COLOR), (model, MODEL_COLOR)):
@@ -130,13 +162,20 @@ def fig_lfc(preds, real, conds, *, model, other, pert_col, control, context_col)
             if mask.any():
                 y = _mean(preds[name], mask) - ctrl
                 r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else np.nan
-                ax.scatter(x, y, s=5, alpha=0.6, color=color, label=f"{name} (r={r:.2f})")
+                ax.scatter(x, y, s=6, alpha=0.6, color=color, label=f"{name} (r={r:.2f})")
+                flat = np.abs(x) < FLAT
+                if name == model and flat.sum() >= 10:  # genes that do not respond: is the prediction biased?
+                    bias = float(y[flat].mean())
+                    ax.text(0.02, 0.98, f"{flat.sum()} genes with |real Δ| < {FLAT}:\n{model} mean Δ {bias:+.3f}",
+                            transform=ax.transAxes, va="top", fontsize=SMALL - 1,
+                            color=MODEL_COLOR if abs(bias) > FLAT else "black")
         lim = float(np.abs(x).max()) or 1.0
         ax.plot([-lim, lim], [-lim, lim], color="black", lw=0.8, ls="--")
-        ax.set_title(f"{ctx} / {pert}", fontsize=8)
-        ax.set_xlabel("real Δ", fontsize=8)
-        ax.set_ylabel("predicted Δ", fontsize=8)
-        ax.legend(fontsize=6)
+        ax.set_title(f"{ctx} / {pert}", fontsize=FONT)
+        ax.set_xlabel("real Δ (log1p, vs control)", fontsize=SMALL)
+        ax.set_ylabel("predicted Δ", fontsize=SMALL)
+        ax.tick_params(labelsize=SMALL)
+        ax.legend(fontsize=SMALL - 1, loc="lower right")
     return fig
 
 
@@ -147,9 +186,8 @@ def fig_pca(pred: AnnData, real: AnnData, conds, *, pert_col, control, context_c
     if not conds:
         return None
     rng = np.random.default_rng(seed)
-    fig = Figure(figsize=(3.2 * len(conds), 3.2), layout="constrained")
-    for i, (ctx, pert) in enumerate(conds):
-        ax = fig.add_subplot(1, len(conds), i + 1)
+    fig, axes = _grid(len(conds))
+    for ax, (ctx, pert) in zip(axes, conds):
         groups = {
             "control": (real, _cond_mask(real, ctx, control, pert_col, context_col), CTRL_COLOR),
             "real": (real, _cond_mask(real, ctx, pert, pert_col, context_col), REAL_COLOR),
@@ -160,11 +198,14 @@ def fig_pca(pred: AnnData, real: AnnData, conds, *, pert_col, control, context_c
         for k, (_, _, color) in groups.items():
             if len(cells[k]):
                 z = pca.transform(cells[k])  # (n, 2)
-                ax.scatter(z[:, 0], z[:, 1], s=3, alpha=0.5, color=color, label=k)
-        ax.set_title(f"{ctx} / {pert}", fontsize=8)
+                ax.scatter(z[:, 0], z[:, 1], s=4, alpha=0.5, color=color, label=k)
+        ev = 100 * pca.explained_variance_ratio_
+        ax.set_title(f"{ctx} / {pert}", fontsize=FONT)
+        ax.set_xlabel(f"PC1 ({ev[0]:.0f} % of real + control variance)", fontsize=SMALL)
+        ax.set_ylabel(f"PC2 ({ev[1]:.0f} %)", fontsize=SMALL)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.legend(fontsize=6, markerscale=3)
+        ax.legend(fontsize=SMALL - 1, markerscale=3)
     return fig
 
 
@@ -206,7 +247,7 @@ def fig_spread(spread: pd.DataFrame | None) -> Figure | None:
     """Bars: pseudobulk SD across sampled distributions vs the real bootstrap SD, per condition."""
     if spread is None or spread.empty:
         return None
-    fig = Figure(figsize=(max(4.0, 0.6 * len(spread) + 2), 3.2), layout="constrained")
+    fig = Figure(figsize=(min(max(5.0, 0.6 * len(spread) + 2), NCOL * PANEL), 3.6), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     pos = np.arange(len(spread))
     ax.bar(pos - 0.2, spread["pred_sample_sd"], width=0.4, color=MODEL_COLOR, label="across model samples")
@@ -216,45 +257,12 @@ def fig_spread(spread: pd.DataFrame | None) -> Figure | None:
         [f"{c}/{p}" for c, p in zip(spread["context"], spread["perturbation"])],
         rotation=45,
         ha="right",
-        fontsize=7,
+        fontsize=SMALL,
     )
-    ax.set_ylabel("mean per-gene SD of pseudobulk", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("mean per-gene SD of pseudobulk", fontsize=SMALL)
+    ax.tick_params(axis="y", labelsize=SMALL)
+    ax.legend(fontsize=SMALL)
     return fig
-
-
-def _png(fig: Figure) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
-
-
-def _html_table(table: pd.DataFrame, columns: list[str], highlight: bool) -> str:
-    """HTML table, NaN as —, the best contender of each metric in bold (unless all tie)."""
-    cols = [c for c in columns if c in table.columns]
-    num = table[cols].apply(pd.to_numeric, errors="coerce")
-    head = "".join(f"<th>{html.escape(label(c))}</th>" for c in cols)
-    body = []
-    for name, row in num.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            best = (
-                highlight
-                and is_score(c)
-                and num[c].nunique() > 1
-                and v == (num[c].min() if lower_is_better(c) else num[c].max())
-            )
-            text = "—" if pd.isna(v) else f"{v:.3f}"
-            cells.append(f"<td>{'<b>' + text + '</b>' if best else text}</td>")
-        body.append(f"<tr><th>{html.escape(str(name))}</th>{''.join(cells)}</tr>")
-    return f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
-
-
-_CSS = (
-    "body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
-    "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}h2{margin-top:1.5em}"
-)
 
 
 def write_report(
@@ -281,7 +289,8 @@ def write_report(
     baselines = [b for b in (baselines or []) if b in results.index]
     model = model or next((n for n in results.index if n not in baselines), None)
     figs: list[tuple[str, str, Figure | None]] = [
-        ("metrics", "Metrics (mean over conditions)", fig_metric_bars(results, model))
+        ("metrics", "Metrics (mean over conditions ± 1 standard error)", fig_metric_bars(results, model,
+                                                                                          per_condition))
     ]
     if per_condition and model in per_condition and baselines:
         figs.append(
@@ -308,74 +317,6 @@ def write_report(
         figs.append(("spread", "Spread between sampled response distributions", fig_spread(spread)))
     verdicts = (verdict_table(per_condition, model, baselines, headline())
                 if per_condition and model in per_condition and baselines else None)
-    return _write_html(out, title, results, per_condition, model, figs, spread, verdicts)
-
-
-_VERDICT_COLOR = {WIN: "#c7e9c0", TIE: "#eeeeee", LOSS: "#fcbba1"}
-
-
-def _verdict_html(verdicts: pd.DataFrame, model: str) -> str:
-    """The plain sentences and the metric × baseline table of wins, ties and losses (coloured)."""
-    lines = "".join(f"<li>{html.escape(t)}</li>" for t in verdict_lines(verdicts, model))
-    head = "".join(f"<th>{html.escape(b)}</th>" for b in verdicts.columns)
-    body = "".join(
-        f"<tr><th>{html.escape(label(m))}</th>"
-        + "".join(f"<td style='background:{_VERDICT_COLOR.get(v, '#fff')}'>{html.escape(v)}</td>" for v in row)
-        + "</tr>"
-        for m, row in verdicts.iterrows())
-    return (f"<h2>Verdict</h2><ul>{lines}</ul><p>Per condition, {html.escape(model)} minus the baseline; a win or "
-            "loss only when the paired 90 % interval of the mean difference over conditions excludes 0 (fewer "
-            "than 3 conditions: a difference above 2 % of the baseline's value), else a tie.</p>"
-            f"<table><tr><th></th>{head}</tr>{body}</table>")
-
-
-def _glossary_html(columns) -> str:
-    """Every metric shown: its name as cell-eval gives it, the short title, what it measures, which way is better."""
-    rows = []
-    for name in columns:
-        m = METRICS.get(name)
-        if m is None:
-            continue
-        best = {"higher": "higher is better", "lower": "lower is better"}.get(m.best, "a count")
-        rows.append(f"<tr><th>{html.escape(label(name))}</th><td style='text-align:left'>{html.escape(name)}</td>"
-                    f"<td style='text-align:left'>{html.escape(m.description)}</td><td>{best}</td></tr>")
-    return ("<h2>Glossary</h2><table><tr><th>title</th><th>name</th><th>what it measures</th><th></th></tr>"
-            + "".join(rows) + "</table>")
-
-
-def _write_html(out, title, results, per_condition, model, figs, spread, verdicts=None) -> Path:
-    sections = []
-    for key, caption, fig in figs:
-        if fig is None:
-            continue
-        png = _png(fig)
-        atomic_write(out / "figures" / f"{key}.png", lambda tmp, data=png: Path(tmp).write_bytes(data))
-        b64 = base64.b64encode(png).decode("ascii")
-        sections.append(f"<h2>{html.escape(caption)}</h2><img src='data:image/png;base64,{b64}'/>")
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        f"<h1>{html.escape(title)}</h1><p>{stamp}. Metrics from cell-eval (names as cell-eval gives them) "
-        "plus r2; mean over conditions; — = undefined.</p>",
-        *([_verdict_html(verdicts, model)] if verdicts is not None and len(verdicts) else []),
-        "<h2>Summary</h2>",
-        _html_table(results, headline(), True),
-        "<details><summary>All metrics</summary>",
-        _html_table(results, list(results.columns), True),
-        "</details>",
-        *sections,
-    ]
-    if spread is not None:
-        parts += [
-            "<h2>Sample spread table</h2>",
-            _html_table(spread.set_index(KEY_COLS), list(spread.columns), False),
-        ]
-    if per_condition and model in per_condition:
-        per = per_condition[model].set_index(KEY_COLS)
-        per.index = [f"{c} / {p}" for c, p in per.index]
-        parts += [f"<h2>Per condition: {html.escape(model)}</h2>", _html_table(per, headline(), False)]
-    parts.append(_glossary_html(list(results.columns)))
-    page = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
-    )
-    return atomic_write_text(out / "report.html", page)
+    card = experiment_card(results, per_condition, model, preds, real, pert_col=pert_col, control=control,
+                           context_col=context_col, baselines=baselines)
+    return write_html(out, title, results, per_condition, model, figs, spread, verdicts, card)

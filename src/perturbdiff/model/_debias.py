@@ -20,8 +20,12 @@ from anndata import AnnData
 from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data import Condition, align_genes, condition_codes, group_means, labels
-from perturbdiff.evaluate._debias import MIN_RELATED, debias_responses
+from perturbdiff.evaluate import MIN_RELATED, debias_responses
 
+#: the response size (log1p) a DE call must exceed: chosen on the shared splits' validation targets, where every call
+#: of a plain t-test (τ = 0) was a small shift shared by the related conditions that no cell-level test found
+#: (docs/BENCHMARKS.md, "Prediction-powered debiasing")
+MIN_EFFECT = 0.05
 #: the sampler settings a prediction records that a prediction of the related conditions must repeat
 _REPEATED = ("guidance", "steps", "start", "solver", "n_samples", "seed")
 
@@ -36,7 +40,7 @@ def _moments(X, codes: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.n
     return mean, var / np.maximum(size, 1)[:, None], size
 
 
-def _codes_of(adata: AnnData, keys, wanted: Sequence[Condition]) -> np.ndarray:
+def codes_of(adata: AnnData, keys, wanted: Sequence[Condition]) -> np.ndarray:
     """Per cell of ``adata``: the index of its condition in ``wanted``, else -1."""
     code, present = condition_codes(adata, keys)
     where = {c: i for i, c in enumerate(wanted)}
@@ -47,7 +51,7 @@ def _codes_of(adata: AnnData, keys, wanted: Sequence[Condition]) -> np.ndarray:
 def _controls(adata: AnnData, keys, contexts: Sequence[tuple[str, ...]]) -> np.ndarray:
     """The real control mean of each context [len(contexts), G]."""
     uniq = list(dict.fromkeys(contexts))
-    mean, _, size = _moments(adata.X, _codes_of(adata, keys, [(c, keys.control_value) for c in uniq]), len(uniq))
+    mean, _, size = _moments(adata.X, codes_of(adata, keys, [(c, keys.control_value) for c in uniq]), len(uniq))
     missing = [c for c, n in zip(uniq, size) if n == 0]
     if missing:
         raise DataError(f"no control cells for context(s) {', '.join('/'.join(c) for c in missing)}")
@@ -57,7 +61,7 @@ def _controls(adata: AnnData, keys, contexts: Sequence[tuple[str, ...]]) -> np.n
 def generated_responses(pred: AnnData, keys, conditions: Sequence[Condition], controls: np.ndarray):
     """Generated response [J, G] (predicted mean − ``controls``) of each condition and its sampling variance."""
     is_pred = pred.obs["predicted"].to_numpy(bool) if "predicted" in pred.obs else np.ones(pred.n_obs, bool)
-    codes = np.where(is_pred, _codes_of(pred, keys, conditions), -1)
+    codes = np.where(is_pred, codes_of(pred, keys, conditions), -1)
     mean, var, size = _moments(pred.X, codes, len(conditions))
     empty = [c for c, n in zip(conditions, size) if n == 0]
     if empty:
@@ -68,7 +72,7 @@ def generated_responses(pred: AnnData, keys, conditions: Sequence[Condition], co
 def measured_responses(adata: AnnData, keys, conditions: Sequence[Condition]) -> tuple[np.ndarray, np.ndarray]:
     """Measured response [K, G] (mean log1p − the context's control mean) of each condition, and those controls."""
     ctrl = _controls(adata, keys, [c for c, _ in conditions])
-    mean, _, _ = _moments(adata.X, _codes_of(adata, keys, conditions), len(conditions))
+    mean, _, _ = _moments(adata.X, codes_of(adata, keys, conditions), len(conditions))
     return mean - ctrl, ctrl
 
 
@@ -98,7 +102,7 @@ def check_related(run, related: Sequence[Condition] | None, targets: Sequence[Co
     overlap = [c for c in related if c in set(targets)]
     if overlap:
         problems.append(f"related condition(s) {labels(overlap)} are also predicted targets")
-    counts = np.bincount(_codes_of(adata, run.keys, related) + 1, minlength=len(related) + 1)[1:]
+    counts = np.bincount(codes_of(adata, run.keys, related) + 1, minlength=len(related) + 1)[1:]
     unmeasured = [c for c, n in zip(related, counts) if n == 0]
     if unmeasured:
         problems.append(f"related condition(s) {labels(unmeasured)} have no measured cells in the AnnData")
@@ -108,8 +112,8 @@ def check_related(run, related: Sequence[Condition] | None, targets: Sequence[Co
 
 
 def debias(run, pred: AnnData, *, related: Sequence[Condition] | None = None, adata: AnnData | None = None,
-           level: float = 0.9, fdr: float = 0.05, lam: float | None = None, progress: bool = True,
-           device=None) -> AnnData:
+           level: float = 0.9, fdr: float = 0.05, lam: float | None = None, min_effect: float = MIN_EFFECT,
+           progress: bool = True, device=None) -> AnnData:
     """Prediction-powered pseudobulks of the conditions predicted in ``pred`` (see the module docstring)."""
     adata = adata if adata is not None else run.adata
     if adata is None:
@@ -136,7 +140,7 @@ def debias(run, pred: AnnData, *, related: Sequence[Condition] | None = None, ad
     gen_rel, _ = generated_responses(rel_pred, keys, related, ctrl_rel)
     ctrl_t = _controls(adata, keys, [c for c, _ in targets])
     gen_t, var_t = generated_responses(pred, keys, targets, ctrl_t)
-    res = debias_responses(real_rel, gen_rel, gen_t, lam=lam, level=level, target_var=var_t)
+    res = debias_responses(real_rel, gen_rel, gen_t, lam=lam, level=level, target_var=var_t, min_effect=min_effect)
     called = res.called(fdr)
     frame = pd.DataFrame([(*c, p) for c, p in targets], columns=cols)
     frame["n_de"] = called.sum(1)
@@ -147,7 +151,8 @@ def debias(run, pred: AnnData, *, related: Sequence[Condition] | None = None, ad
                         "upper": ctrl_t + res.upper, "pvalue": res.pvalue, "qvalue": res.qvalue}.items():
         out.layers[name] = value.astype(np.float32)
     out.layers["de"] = called.astype(np.int8)
-    out.uns["debias"] = {"lam": res.lam, "level": level, "fdr": fdr, "n_related": res.n_related,
+    out.uns["debias"] = {"lam": res.lam, "level": level, "fdr": fdr, "min_effect": min_effect,
+                         "n_related": res.n_related,
                          "related": [f"{'/'.join(c)}/{p}" for c, p in related], "settings": json.dumps(repeat),
                          "space": "log1p", "method": "prediction-powered (PPI++), t prediction interval"}
     logger.info("debiased with lambda %.2f over %d related conditions: %s DE genes called per condition at FDR %g",

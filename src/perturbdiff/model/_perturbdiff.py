@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -230,21 +231,23 @@ class PerturbDiff(Run):
                         self.genes, self.keys.pert_key, self.keys.context_keys)
         if include_controls:
             pred = with_real_controls(pred, adata, self.keys, {c for c, _ in conditions})
-        pred.uns["perturbdiff"] = output_uns(self.record, **sampler_settings(settings, n_samples=n_samples, seed=seed))
+        pred.uns["perturbdiff"] = {**output_uns(self.record, **sampler_settings(settings, n_samples=n_samples,
+                                                                                 seed=seed)),
+                                   "run": json.dumps(self.card())}
         return pred
 
     def debias(self, pred: AnnData, *, related: Sequence[Condition] | None = None, adata: AnnData | None = None,
-               level: float = 0.9, fdr: float = 0.05, lam: float | None = None, progress: bool = True,
-               device: str | torch.device | None = None) -> AnnData:
+               level: float = 0.9, fdr: float = 0.05, lam: float | None = None, min_effect: float = 0.05,
+               progress: bool = True, device: str | torch.device | None = None) -> AnnData:
         """Prediction-powered pseudobulks of the conditions in ``pred``: the generated response corrected by the
         model's error on ``related`` measured conditions held out of training (default: the split's validation
-        conditions, at least two), with ``level`` prediction intervals and DE calls at ``fdr``; ``lam`` fixes λ
-        (1: PPI, 0: the related conditions' mean response), None tunes it. Conditions × genes, in log1p; see
-        :mod:`perturbdiff.model._debias` for the layers."""
+        conditions, at least two), with ``level`` prediction intervals and DE calls at ``fdr`` of responses larger
+        than ``min_effect`` (log1p); ``lam`` fixes λ (1: PPI, 0: the related conditions' mean response), None tunes
+        it. Conditions × genes, in log1p; see :mod:`perturbdiff.model._debias` for the layers."""
         from perturbdiff.model._debias import debias
 
-        return debias(self, pred, related=related, adata=adata, level=level, fdr=fdr, lam=lam, progress=progress,
-                      device=device)
+        return debias(self, pred, related=related, adata=adata, level=level, fdr=fdr, lam=lam,
+                      min_effect=min_effect, progress=progress, device=device)
 
     def predict_for_controls(self, controls: AnnData, perturbations: Sequence[str], **kw) -> AnnData:
         """Predict responses for your own control cells (see :func:`perturbdiff.model.predict_for_controls`)."""

@@ -119,6 +119,17 @@ class Run:
     def _from_meta(cls, cfg: Config, meta: dict, vocab: Vocab, codec, tensors: dict, **kwargs) -> Run:
         raise NotImplementedError
 
+    def card(self) -> dict[str, Any]:
+        """The experiment in a few numbers, for a prediction's record and the report's card: process, size,
+        trained steps (and the best one, when the run came from a checkpoint)."""
+        m, d = self.cfg.model, self.cfg.data
+        state = (getattr(self, "checkpoint_meta", {}) or {}).get("state") or {}
+        card = {"kind": self.kind, "process": self.cfg.diffusion.process, "hidden": m.hidden, "depth": m.depth,
+                "set_size": d.set_size, "parameters": int(sum(p.numel() for p in self.network.parameters())),
+                "max_steps": self.cfg.train.max_steps}
+        card.update({k: state[k] for k in ("step", "best_step") if state.get(k) is not None})
+        return card
+
     def info(self) -> dict[str, Any]:
         """What the run knows (its kind adds its own entries), with the checkpoint's step and versions."""
         return {"kind": self.kind, "summary": self.summary, "config": self.cfg.to_dict(),
