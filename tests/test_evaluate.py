@@ -262,3 +262,18 @@ def test_pearson_delta_is_the_validators_formula():
         for c in (ctrl, ctrl.astype(np.float32)):
             assert compute(p, r, c) == _validator_pearson(p - c, r - c)
             assert compute(p.astype(np.float32), r, c) == _validator_pearson(p.astype(np.float32) - c, r - c)
+
+
+def test_data_ceiling_bounds_scores_and_leaves_errors_undefined(tmp_path):
+    from perturbdiff.evaluate import CEILING, data_ceiling, with_ceiling
+
+    real = build_real(toy(), SPLIT)
+    ceiling = data_ceiling(real, pert_col=PERT, control=CTRL, context_col=CTX)
+    assert ceiling.name == CEILING
+    assert 0.5 < ceiling["pearson_delta"] <= 1.0 and 0.5 < ceiling["pr_auc"] <= 1.0
+    assert np.isnan(ceiling.get("mse", np.nan))  # no defensible ceiling for an error
+    table = with_ceiling(pd.DataFrame({"pearson_delta": [0.4], "mse": [0.1]}, index=["model"]), real,
+                         pert_col=PERT, control=CTRL, context_col=CTX)
+    assert list(table.index) == ["model", CEILING] and np.isnan(table.loc[CEILING, "mse"])
+    page = write_report(table, tmp_path, model="model").read_text()
+    assert "<b>" not in page.split("<h2>Summary</h2>")[1].split("</table>")[0]  # a ceiling is no contender to beat

@@ -36,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset", default=None, help="cell-eval2 preset (default vcc2026); only with --scorer cell-eval2"
     )
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also score cell-eval's data ceiling (disjoint halves of the real cells, Spearman-Brown "
+                             "corrected): what the data allows, a row of the tables and the report (about doubles "
+                             "the DE time)")
     parser.add_argument("--out", required=True, help="output folder for CSVs, figures and report.html")
 
 
@@ -150,6 +154,7 @@ def run_cell_eval2(preds: dict, real, split, ctx_col: str, args: argparse.Namesp
 
 
 def run(args: argparse.Namespace) -> int:
+    from perturbdiff._io import atomic_write_text
     from perturbdiff.evaluate import (
         build_real,
         context_column,
@@ -158,10 +163,13 @@ def run(args: argparse.Namespace) -> int:
         headline,
         verdict_lines,
         verdict_table,
+        with_ceiling,
         write_report,
     )
 
     check_scorer(args)
+    if args.ceiling and args.scorer != "cell-eval":
+        raise ConfigError("--ceiling is cell-eval's (cell-eval2 reports its own replicate end)")
     adata, split, keys = load_inputs(args.data, args.split)
     base = baseline_names(args.baselines)
     user = _read_preds(args.preds, args.names, base)
@@ -178,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
         num_threads=args.num_threads, profile=args.profile, outdir=args.out, return_per_condition=True,
     )  # fmt: skip
     logger.info(f"cell-eval + R² for {len(preds)} contender(s): {time.perf_counter() - start:.1f} s")
+    if args.ceiling:
+        table = with_ceiling(table, real, pert_col=split.pert_col, control=split.control, context_col=ctx_col,
+                             num_threads=args.num_threads, profile=args.profile)
+        atomic_write_text(Path(args.out) / "aggregate.csv", table.to_csv())
     html = write_report(
         table, args.out, per_condition=per, preds=preds, real=real, pert_col=split.pert_col,
         control=split.control, context_col=ctx_col, model=next(iter(user), None), baselines=base,

@@ -5,10 +5,12 @@
 ``write_report`` draws the figures and the HTML page. ``METRICS`` / ``metric(name)`` describe every metric.
 ``log2_fold_changes``, ``pseudobulk_of`` and ``collapse_diagnostic`` summarise a prediction of responses.
 ``verdict_table`` / ``verdict_lines`` say per metric and baseline whether a model wins, ties or loses.
+``data_ceiling`` / ``with_ceiling``: cell-eval's ceiling of every metric from the real cells alone.
 ``debias_responses`` / ``ppi_mean``: prediction-powered estimates with intervals; ``score_cell_eval2``: the optional
 second scorer (cell-eval2, ``perturbdiff[eval2]``).
 """
 
+from perturbdiff.evaluate._ceiling import CEILING, data_ceiling, with_ceiling
 from perturbdiff.evaluate._cell_eval2 import check_cell_eval2, format_summary, score_cell_eval2, summary_table
 from perturbdiff.evaluate._debias import MIN_RELATED, Debiased, PPIMean, debias_responses, ppi_mean, tune_lambda
 from perturbdiff.evaluate._layout import build_real, context_column, make_pair
@@ -25,6 +27,7 @@ from perturbdiff.evaluate._response import collapse_diagnostic, log2_fold_change
 from perturbdiff.evaluate._verdict import verdict, verdict_lines, verdict_table
 
 __all__ = [
+    "CEILING",
     "METRICS",
     "MIN_RELATED",
     "Debiased",
@@ -35,6 +38,7 @@ __all__ = [
     "check_cell_eval2",
     "collapse_diagnostic",
     "context_column",
+    "data_ceiling",
     "debias_responses",
     "evaluate",
     "evaluate_predictions",
@@ -54,5 +58,6 @@ __all__ = [
     "verdict",
     "verdict_lines",
     "verdict_table",
+    "with_ceiling",
     "write_report",
 ]

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from perturbdiff._io import atomic_write, atomic_write_text
+from perturbdiff.evaluate._ceiling import CEILING
 from perturbdiff.evaluate._metrics import KEY_COLS
 from perturbdiff.evaluate._registry import METRICS, headline, is_score, label, lower_is_better
 from perturbdiff.evaluate._verdict import LOSS, TIE, TIE_REL, WIN, verdict_lines
@@ -28,8 +29,9 @@ def _png(fig: Figure) -> bytes:
 
 
 def _clear_best(col: pd.Series, metric: str) -> float | None:
-    """The best value of a metric column when it beats the runner-up by more than the verdict's tie margin."""
-    vals = col.dropna().sort_values(ascending=lower_is_better(metric)).to_numpy()
+    """The best value of a metric column when it beats the runner-up by more than the verdict's tie margin (the
+    data ceiling is no contender)."""
+    vals = col.drop(index=CEILING, errors="ignore").dropna().sort_values(ascending=lower_is_better(metric)).to_numpy()
     if len(vals) < 2 or not is_score(metric):
         return None
     best, second = float(vals[0]), float(vals[1])
@@ -118,6 +120,10 @@ def experiment_card(results: pd.DataFrame, per_condition, model: str | None, pre
         if len(real_n):
             rows.append(("DE genes per condition (FDR < 0.05)", f"real {real_n.iloc[0]:.0f}; "
                          + "; ".join(f"{n} {v:.0f}" for n, v in pred_n.items() if np.isfinite(v))))
+    if CEILING in results.index:
+        rows.append((CEILING, "cell-eval's ceiling: the real cells split into two disjoint halves, one scored as "
+                              "the prediction of the other, Spearman–Brown corrected to full depth; what the data "
+                              "allows (bounded scores only)"))
     rows.append(("scores", "mean over the held-out conditions; each context scored against its own control "
                            "cells; error bars: ± 1 standard error over conditions"))
     return rows

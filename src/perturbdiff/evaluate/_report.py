@@ -18,13 +18,14 @@ from anndata import AnnData
 from matplotlib.figure import Figure
 
 from perturbdiff.data import group_means
+from perturbdiff.evaluate._ceiling import CEILING
 from perturbdiff.evaluate._layout import SAMPLE_COL
 from perturbdiff.evaluate._metrics import KEY_COLS
 from perturbdiff.evaluate._page import experiment_card, write_html
 from perturbdiff.evaluate._registry import headline, label, lower_is_better, scatter_metrics
 from perturbdiff.evaluate._verdict import verdict_table
 
-MODEL_COLOR, BASE_COLOR, REAL_COLOR, CTRL_COLOR = "#d62728", "#7f7f7f", "#1f77b4", "#bbbbbb"
+MODEL_COLOR, BASE_COLOR, REAL_COLOR, CTRL_COLOR, CEIL_COLOR = "#d62728", "#7f7f7f", "#1f77b4", "#bbbbbb", "#9ecae1"
 NCOL, PANEL = 3, 3.6  # figures are grids of at most 3 panels a row, 3.6 in each: ≤ 1,200 px wide, never shrunk
 FONT, SMALL = 10, 9  # points at 110 dpi: ≥ 13 px on the page at 100 % zoom
 
@@ -82,7 +83,7 @@ def fig_metric_bars(table: pd.DataFrame, model: str | None, per_condition=None) 
         return None
     fig, axes = _grid(len(metrics), height=3.0)
     names = list(table.index)
-    colors = [MODEL_COLOR if n == model else BASE_COLOR for n in names]
+    colors = [MODEL_COLOR if n == model else CEIL_COLOR if n == CEILING else BASE_COLOR for n in names]
     for ax, m in zip(axes, metrics):
         vals = pd.to_numeric(table[m], errors="coerce").to_numpy()
         err = _sem(per_condition, names, m)
@@ -287,7 +288,7 @@ def write_report(
     """
     out = Path(outdir)
     baselines = [b for b in (baselines or []) if b in results.index]
-    model = model or next((n for n in results.index if n not in baselines), None)
+    model = model or next((n for n in results.index if n not in baselines and n != CEILING), None)
     figs: list[tuple[str, str, Figure | None]] = [
         ("metrics", "Metrics (mean over conditions ± 1 standard error)", fig_metric_bars(results, model,
                                                                                           per_condition))
