@@ -158,15 +158,23 @@ def test_cli_predict_debias_writes_both_files_and_refuses_before_work(trained, t
 
     from perturbdiff.cli import main
 
-    _, prep, run = trained
+    model, prep, run = trained
     prep.write_h5ad(tmp_path / "prep.h5ad")
     args = ["predict", run, "--data", str(tmp_path / "prep.h5ad"), "--steps", "5", "--start", "full",
-            "--no-progress", "--debias", "--level", "0.8"]
+            "--no-progress", "--debias"]
     assert main([*args, "--out", str(tmp_path / "pred.h5ad")]) == 0
     assert "debiased conditions" in capsys.readouterr().out
     bulk = ad.read_h5ad(tmp_path / "pred.debiased.h5ad")
-    assert bulk.n_obs == 2 and bulk.uns["debias"]["level"] == 0.8 and set(bulk.layers) >= {"lower", "qvalue", "de"}
+    assert bulk.n_obs == 2 and bulk.uns["debias"]["level"] == 0.9 and set(bulk.layers) >= {"lower", "qvalue", "de"}
     assert ad.read_h5ad(tmp_path / "pred.h5ad").obs["predicted"].any()
+    # the report shows the intervals against the real responses, and their coverage
+    model.split.write(tmp_path / "split.json")
+    assert main(["evaluate", str(tmp_path / "pred.h5ad"), "--data", str(tmp_path / "prep.h5ad"), "--split",
+                 str(tmp_path / "split.json"), "--baselines", "additive", "--debiased",
+                 str(tmp_path / "pred.debiased.h5ad"), "--out", str(tmp_path / "eval")]) == 0
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "Debiased responses and their 90 % intervals" in page and "% of genes (2 conditions)" in page
+    assert (tmp_path / "eval" / "figures" / "debiased.png").exists()
     # one validation condition: refused in one line, before anything is generated or written
     one_val = Split(name="one", pert_col="perturbation", control="control", context_cols=["cell_type"],
                     train=[((c,), p) for c in "AB" for p in ("UP", "DOWN")], val=[(("C",), "UP")],

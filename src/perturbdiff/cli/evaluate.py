@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also score cell-eval's data ceiling (disjoint halves of the real cells, Spearman-Brown "
                              "corrected): what the data allows, a row of the tables and the report (about doubles "
                              "the DE time)")
+    parser.add_argument("--debiased", metavar="PRED.debiased.h5ad",
+                        help="`perturbdiff predict --debias`'s pseudobulks: the report shows their intervals against "
+                             "the real responses and their coverage")
     parser.add_argument("--out", required=True, help="output folder for CSVs, figures and report.html")
 
 
@@ -154,6 +157,8 @@ def run_cell_eval2(preds: dict, real, split, ctx_col: str, args: argparse.Namesp
 
 
 def run(args: argparse.Namespace) -> int:
+    import anndata as ad
+
     from perturbdiff._io import atomic_write_text
     from perturbdiff.evaluate import (
         build_real,
@@ -168,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     )
 
     check_scorer(args)
+    if args.debiased and not Path(args.debiased).exists():
+        raise DataError(f"--debiased file not found: {args.debiased}")
     if args.ceiling and args.scorer != "cell-eval":
         raise ConfigError("--ceiling is cell-eval's (cell-eval2 reports its own replicate end)")
     adata, split, keys = load_inputs(args.data, args.split)
@@ -194,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         table, args.out, per_condition=per, preds=preds, real=real, pert_col=split.pert_col,
         control=split.control, context_col=ctx_col, model=next(iter(user), None), baselines=base,
         title=f"PerturbDiff evaluation: {split.name or Path(args.split).stem} ({args.subset})",
+        debiased=ad.read_h5ad(args.debiased) if args.debiased else None,
     )  # fmt: skip
     print(format_table(table))
     model = next(iter(user), None)

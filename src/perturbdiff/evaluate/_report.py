@@ -266,6 +266,50 @@ def fig_spread(spread: pd.DataFrame | None) -> Figure | None:
     return fig
 
 
+def debiased_coverage(bulk: AnnData, real: AnnData, *, pert_col, control, context_col) -> dict[str, float]:
+    """Per condition of a ``debias`` result with real cells: the share of genes whose real pseudobulk lies in the
+    interval."""
+    out = {}
+    for name in bulk.obs_names:
+        ctx, pert = name.rsplit("/", 1)
+        mask = _cond_mask(real, ctx, pert, pert_col, context_col)
+        if mask.any():
+            r = _mean(real, mask)
+            i = bulk.obs_names.get_loc(name)
+            lo, hi = _dense(bulk.layers["lower"][i]).ravel(), _dense(bulk.layers["upper"][i]).ravel()
+            out[name] = float(np.mean((r >= lo) & (r <= hi)))
+    return out
+
+
+def fig_debiased(bulk: AnnData, real: AnnData, conds, *, pert_col, control, context_col, n_genes: int = 20):
+    """Per condition, the genes that respond most: real response, the model's, and the debiased one with its
+    interval."""
+    shown = [(c, p) for c, p in conds if f"{c}/{p}" in bulk.obs_names]
+    if not shown:
+        return None
+    fig, axes = _grid(len(shown))
+    for ax, (ctx, pert) in zip(axes, shown):
+        i = bulk.obs_names.get_loc(f"{ctx}/{pert}")
+        ctrl = _dense(bulk.layers["control"][i]).ravel()
+        real_d = _mean(real, _cond_mask(real, ctx, pert, pert_col, context_col)) - ctrl
+        top = np.argsort(-np.abs(real_d))[:n_genes]
+        x = np.arange(len(top))
+        est = _dense(bulk.X[i]).ravel()[top] - ctrl[top]
+        lo = est - (_dense(bulk.layers["lower"][i]).ravel()[top] - ctrl[top])
+        hi = _dense(bulk.layers["upper"][i]).ravel()[top] - ctrl[top] - est
+        ax.errorbar(x, est, yerr=[lo, hi], fmt="o", ms=3, color="black", lw=0.8, label="debiased, 90 % interval")
+        ax.scatter(x, _dense(bulk.layers["generated"][i]).ravel()[top] - ctrl[top], marker="x", s=16,
+                   color=MODEL_COLOR, label="model")
+        ax.scatter(x, real_d[top], s=14, color=REAL_COLOR, label="real", zorder=3)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_xticks(x, [str(g) for g in bulk.var_names[top]], rotation=90, fontsize=SMALL - 2)
+        ax.set_ylabel("Δ vs control (log1p)", fontsize=SMALL)
+        ax.tick_params(axis="y", labelsize=SMALL)
+        ax.set_title(f"{ctx} / {pert}", fontsize=FONT)
+        ax.legend(fontsize=SMALL - 2)
+    return fig
+
+
 def write_report(
     results: pd.DataFrame,
     outdir: str | Path,
@@ -280,11 +324,13 @@ def write_report(
     baselines: list[str] | None = None,
     title: str = "PerturbDiff evaluation",
     n_top: int = 6,
+    debiased: AnnData | None = None,
 ) -> Path:
     """Write ``figures/*.png`` and ``report.html`` (self-contained) under ``outdir``; return the HTML path.
 
     ``results`` is contender x metric (``evaluate_predictions``); ``model`` defaults to the first
-    contender not in ``baselines``. Figures that need cells are drawn when ``preds`` and ``real`` are given.
+    contender not in ``baselines``. Figures that need cells are drawn when ``preds`` and ``real`` are given;
+    ``debiased`` (``PerturbDiff.debias``'s result) adds its intervals against the real responses.
     """
     out = Path(outdir)
     baselines = [b for b in (baselines or []) if b in results.index]
@@ -316,8 +362,21 @@ def write_report(
         figs.append(("pca", f"PCA of control, real and {model} cells", fig_pca(preds[model], real, conds, **kw)))
         spread = sample_spread(preds[model], real, **kw)
         figs.append(("spread", "Spread between sampled response distributions", fig_spread(spread)))
+    coverage = None
+    if debiased is not None and real is not None and pert_col and context_col:
+        kw = dict(pert_col=pert_col, control=control, context_col=context_col)
+        coverage = debiased_coverage(debiased, real, **kw)
+        conds = top_conditions(real, pert_col, control, context_col, n_top)
+        figs.append(("debiased", "Debiased responses and their 90 % intervals, the most responsive genes",
+                     fig_debiased(debiased, real, conds, **kw)))
     verdicts = (verdict_table(per_condition, model, baselines, headline())
                 if per_condition and model in per_condition and baselines else None)
     card = experiment_card(results, per_condition, model, preds, real, pert_col=pert_col, control=control,
                            context_col=context_col, baselines=baselines)
+    if coverage:
+        info = debiased.uns.get("debias", {})
+        level, covered = 100 * float(info.get("level", 0.9)), 100 * np.mean(list(coverage.values()))
+        card.append(("debiased (prediction-powered)", f"λ {float(info.get('lam', np.nan)):.2f} over "
+                     f"{info.get('n_related')} related held-out conditions; the real pseudobulk lies in the "
+                     f"{level:.0f} % interval for {covered:.0f} % of genes ({len(coverage)} conditions)"))
     return write_html(out, title, results, per_condition, model, figs, spread, verdicts, card)
