@@ -111,27 +111,22 @@ def main() -> None:
     ap.add_argument("--fdr", type=float, default=0.05)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    import anndata as ad
-
+    from _runs import trained_runs
     from perturbdiff._io import atomic_write_json
 
     results = {}
-    for split in args.splits.split(","):
-        prep = ad.read_h5ad(args.work / split / "prep.h5ad")
-        for seed_dir in sorted((args.work / split / args.tag).glob("seed*")):
-            if not (seed_dir / "run" / "best.safetensors").exists():
-                continue
-            res = check_run(seed_dir / "run", prep, level=args.level, fdr=args.fdr)
-            res["summary"] = summarise(res)
-            results[f"{split}/{seed_dir.name}"] = res
-            res["summary_val"] = summarise(res, "val")
-            s = res["summary"]
-            print(f"{split} {seed_dir.name}: coverage {s['coverage']:.3f} width {s['width']:.3f} lam {s['lam']:.2f} "
-                  + " ".join(f"tau {t}: calls {s[f'n_called@{t}']:.1f} fdp {s[f'fdp@{t}']:.2f} "
-                             f"recall {s[f'recall@{t}']:.2f}" for t in MIN_EFFECTS) + " | pearson_delta "
-                  + " ".join(f"{n} {s[f'pearson_delta_{n}']:.3f}" for n in ESTIMATES) + " | r2 "
-                  + " ".join(f"{n} {s[f'r2_{n}']:.3f}" for n in ESTIMATES), flush=True)
-            atomic_write_json(args.out, {"level": args.level, "fdr": args.fdr, "tag": args.tag, "runs": results})
+    for split, seed, prep, run in trained_runs(args.work, args.tag, args.splits):
+        res = check_run(run, prep, level=args.level, fdr=args.fdr)
+        res["summary"] = summarise(res)
+        results[f"{split}/{seed}"] = res
+        res["summary_val"] = summarise(res, "val")
+        s = res["summary"]
+        print(f"{split} {seed}: coverage {s['coverage']:.3f} width {s['width']:.3f} lam {s['lam']:.2f} "
+              + " ".join(f"tau {t}: calls {s[f'n_called@{t}']:.1f} fdp {s[f'fdp@{t}']:.2f} "
+                         f"recall {s[f'recall@{t}']:.2f}" for t in MIN_EFFECTS) + " | pearson_delta "
+              + " ".join(f"{n} {s[f'pearson_delta_{n}']:.3f}" for n in ESTIMATES) + " | r2 "
+              + " ".join(f"{n} {s[f'r2_{n}']:.3f}" for n in ESTIMATES), flush=True)
+        atomic_write_json(args.out, {"level": args.level, "fdr": args.fdr, "tag": args.tag, "runs": results})
 
 
 if __name__ == "__main__":

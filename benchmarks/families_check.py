@@ -66,30 +66,24 @@ def main() -> None:
     ap.add_argument("--replicates", choices=["bootstrap", "split"], default="bootstrap")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    import anndata as ad
-
+    from _runs import trained_runs
     from perturbdiff import PerturbDiff
     from perturbdiff._io import atomic_write_json
 
     results = {}
-    for split in args.splits.split(","):
-        prep = ad.read_h5ad(args.work / split / "prep.h5ad")
-        for seed_dir in sorted((args.work / split / args.tag).glob("seed*")):
-            if not (seed_dir / "run" / "best.safetensors").exists():
-                continue
-            model = PerturbDiff.load(seed_dir / "run", adata=prep)
-            pred = model.predict(subset="test", n_samples=args.n_samples, progress=False, include_controls=False,
-                                 unknown_perturbations="generic")
-            rows = ratios(pred, prep, model.keys, model.split.test, n_samples=args.n_samples, mode=args.replicates)
-            med = float(np.median([r["median_ratio"] for r in rows]))
-            iid = float(np.median([r["median_iid_ratio"] for r in rows]))
-            results[f"{split}/{seed_dir.name}"] = {"rows": rows, "median_ratio": med, "median_iid_ratio": iid}
-            per = ", ".join(f"{r['median_ratio']:.2f}" for r in rows)
-            print(f"{split} {seed_dir.name}: predicted / real between-replicate variance, median {med:.2f} "
-                  f"(per condition {per}); independent draws of the predicted cells would give {iid:.2f}", flush=True)
-            atomic_write_json(args.out, {"tag": args.tag, "n_samples": args.n_samples, "replicates": args.replicates,
-                                         "runs": results})
-
+    for split, seed, prep, run in trained_runs(args.work, args.tag, args.splits):
+        model = PerturbDiff.load(run, adata=prep)
+        pred = model.predict(subset="test", n_samples=args.n_samples, progress=False, include_controls=False,
+                             unknown_perturbations="generic")
+        rows = ratios(pred, prep, model.keys, model.split.test, n_samples=args.n_samples, mode=args.replicates)
+        med = float(np.median([r["median_ratio"] for r in rows]))
+        iid = float(np.median([r["median_iid_ratio"] for r in rows]))
+        results[f"{split}/{seed}"] = {"rows": rows, "median_ratio": med, "median_iid_ratio": iid}
+        per = ", ".join(f"{r['median_ratio']:.2f}" for r in rows)
+        print(f"{split} {seed}: predicted / real between-replicate variance, median {med:.2f} "
+              f"(per condition {per}); independent draws of the predicted cells would give {iid:.2f}", flush=True)
+        atomic_write_json(args.out, {"tag": args.tag, "n_samples": args.n_samples, "replicates": args.replicates,
+                                     "runs": results})
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from perturbdiff.evaluate._metrics import _quiet
+from perturbdiff.evaluate._metrics import quiet_scorer
 
 CEILING = "data ceiling"  # the row name of the ceiling in a results table (never a contender)
 
@@ -30,7 +30,7 @@ def data_ceiling(real: AnnData, *, pert_col: str, control: str, context_col: str
     from cell_eval import MetricsEvaluator
 
     values, weights = [], []
-    with tempfile.TemporaryDirectory(prefix="perturbdiff-ceiling-") as work, _quiet():
+    with tempfile.TemporaryDirectory(prefix="perturbdiff-ceiling-") as work, quiet_scorer():
         for ctx in pd.unique(real.obs[context_col].astype(str)):
             r_ct = real[(real.obs[context_col].astype(str) == ctx).to_numpy()].copy()
             n_pert = r_ct.obs[pert_col].astype(str).loc[lambda p: p != control].nunique()

@@ -33,8 +33,8 @@ import pandas as pd
 from anndata import AnnData
 
 from perturbdiff._errors import ConfigError
-from perturbdiff._logging import logger
 from perturbdiff.evaluate._layout import make_pair
+from perturbdiff.evaluate._metrics import one_context, quiet_scorer
 
 PINNED = "0.20.0"
 COLUMNS = ["context", "perturbation", "level", "metric", "value", "baseline", "replicate", "scaled", "note"]
@@ -122,7 +122,7 @@ def score_cell_eval2(
 def context_pairs(pred: AnnData, real: AnnData, *, pert_col: str, control: str, context_col: str | None) -> list:
     """[(context, pred + real controls, real)] per context, obs = ``pert_col`` only: what cell-eval2 scores."""
     if context_col is None:
-        pred, real, context_col = _one_context(pred), _one_context(real), "_context"
+        pred, real, context_col = one_context(pred), one_context(real), "_context"
     pred_full, real = make_pair(pred, real, pert_col=pert_col, control=control, context_col=context_col)
     out = []
     for ctx in pd.unique(real.obs[context_col].astype(str)):
@@ -132,47 +132,19 @@ def context_pairs(pred: AnnData, real: AnnData, *, pert_col: str, control: str, 
     return out
 
 
-def _one_context(adata: AnnData) -> AnnData:
-    obs = adata.obs.copy()
-    obs["_context"] = pd.Categorical(np.repeat("all", adata.n_obs))
-    return AnnData(X=adata.X, obs=obs, var=adata.var)
-
-
 def _plain(adata: AnnData, pert_col: str) -> AnnData:
     """Only the perturbation column in obs: cell-eval2 copies obs around and needs nothing else."""
     return AnnData(X=adata.X, obs=adata.obs[[pert_col]].astype(str).astype("category"), var=adata.var[[]])
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 @contextlib.contextmanager
 def _cell_eval2_quiet():
     """cell-eval2's and pdex's warnings into our debug log, once each (the table's ``note`` says what matters),
     their progress bars dropped (as for cell-eval)."""
-    handler = _Collect()
-    loggers = [logging.getLogger(n) for n in ("cell_eval2", "pdex")]
-    saved = [(lg.propagate, lg.level) for lg in loggers]
-    for lg in loggers:
-        lg.addHandler(handler)
-        lg.propagate = False
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore", RuntimeWarning)
-            yield
-    finally:
-        for lg, (prop, level) in zip(loggers, saved):
-            lg.removeHandler(handler)
-            lg.propagate, lg.level = prop, level
-        for msg in dict.fromkeys(handler.messages):
-            logger.debug(f"cell-eval2: {msg}")
+    with quiet_scorer(("cell_eval2", "pdex"), prefix="cell-eval2", level=logging.DEBUG), \
+            warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 def _references(real_ct: AnnData, cfg) -> dict:

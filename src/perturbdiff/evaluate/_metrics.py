@@ -71,8 +71,9 @@ class _Collect(logging.Handler):
 
 
 @contextlib.contextmanager
-def _quiet(names=("cell_eval", "pdex")):
-    """Route cell-eval's warnings into our log (once per message) instead of Python's last-resort stderr."""
+def quiet_scorer(names=("cell_eval", "pdex"), *, prefix: str = "cell-eval", level: int | None = None):
+    """Route a scorer's warnings into our log (once per message) instead of Python's last-resort stderr; ``level``
+    None logs the routine ones at debug and the rest at info, else all at ``level``."""
     handler = _Collect()
     loggers = [logging.getLogger(n) for n in names]
     saved = [(lg.propagate, lg.level) for lg in loggers]
@@ -89,7 +90,8 @@ def _quiet(names=("cell_eval", "pdex")):
         for msg in dict.fromkeys(m for m in handler.messages if "already exists" not in m):
             # expected with few perturbations per context (metric left NaN) or zero means (inf LFC): debug
             routine = "Error computing metric" in msg or "infinite log2 fold change" in msg
-            logger.log(logging.DEBUG if routine else logging.INFO, f"cell-eval: {msg}")
+            logger.log(level if level is not None else logging.DEBUG if routine else logging.INFO,
+                       f"{prefix}: {msg}")
 
 
 def _cell_eval_context(
@@ -146,7 +148,7 @@ def evaluate(
     keeps the real DE tables between calls so several contenders share one real DE computation.
     """
     if context_col is None:
-        pred, real, context_col = _one_context(pred), _one_context(real), "_context"
+        pred, real, context_col = one_context(pred), one_context(real), "_context"
     pred_full, real = make_pair(pred, real, pert_col=pert_col, control=control, context_col=context_col)
     kw = dict(pert_col=pert_col, control=control, num_threads=num_threads, profile=profile)
     per_cond = _cell_eval_by_context(pred_full, real, context_col, de_cache, **kw)
@@ -164,7 +166,7 @@ def evaluate(
 def _cell_eval_by_context(pred_full, real, context_col: str, de_cache: dict | None, **kw) -> pd.DataFrame:
     """``cell-eval run --celltype-col``: each context against its own controls; rows = perturbations."""
     frames = []
-    with tempfile.TemporaryDirectory(prefix="perturbdiff-eval-") as work, _quiet():
+    with tempfile.TemporaryDirectory(prefix="perturbdiff-eval-") as work, quiet_scorer():
         for ctx in pd.unique(real.obs[context_col].astype(str)):
             r_ct = real[(real.obs[context_col] == ctx).to_numpy()].copy()
             p_ct = pred_full[(pred_full.obs[context_col] == ctx).to_numpy()].copy()
@@ -177,7 +179,8 @@ def _cell_eval_by_context(pred_full, real, context_col: str, de_cache: dict | No
     return pd.concat(frames, ignore_index=True)
 
 
-def _one_context(adata: AnnData) -> AnnData:
+def one_context(adata: AnnData) -> AnnData:
+    """``adata`` with one context for every cell (column ``_context``): data without a context column."""
     obs = adata.obs.copy()
     obs["_context"] = pd.Categorical.from_codes(np.zeros(adata.n_obs, dtype=np.int64), ["all"])
     return AnnData(X=adata.X, obs=obs, var=adata.var)
