@@ -277,3 +277,25 @@ def test_data_ceiling_bounds_scores_and_leaves_errors_undefined(tmp_path):
     assert list(table.index) == ["model", CEILING] and np.isnan(table.loc[CEILING, "mse"])
     page = write_report(table, tmp_path, model="model").read_text()
     assert "<b>" not in page.split("<h2>Summary</h2>")[1].split("</table>")[0]  # a ceiling is no contender to beat
+
+
+def test_experiment_card_says_what_was_compared():
+    import json
+
+    from perturbdiff.evaluate._page import experiment_card
+
+    real = build_real(toy(), SPLIT)
+    pred = perturbed(real)
+    pred.uns["perturbdiff"] = {"run": json.dumps({"process": "flow", "hidden": 64, "depth": 2, "set_size": 32,
+                                                  "parameters": 1234, "max_steps": 1500, "step": 1200}),
+                               "settings": json.dumps({"steps": 25, "guidance": 0.0})}
+    keys = pd.DataFrame({"context": ["c1", "c2"], "perturbation": ["A", "A"]})
+    results = pd.DataFrame({"de_nsig_counts_real": [7.0, 7.0], "de_nsig_counts_pred": [18.0, 448.0]},
+                           index=["model", "mean"])
+    card = dict(experiment_card(results, {"model": keys}, "model", {"model": pred}, real, pert_col=PERT,
+                                control=CTRL, context_col=CTX, baselines=["mean"]))
+    assert "a budget of 1500 training steps; the checkpoint used is from step 1200" in card["model"]
+    assert "1,234 parameters" in card["model"] and card["sampling"] == "steps 25, guidance 0.0"
+    assert card["held-out conditions"] == "2 in 2 context(s): c1, c2"
+    assert card["DE genes per condition (FDR < 0.05)"] == "real 7; model 18; mean 448"
+    assert "``" not in card["baseline mean"] and "pert_mean" in card["baseline mean"]

@@ -59,7 +59,7 @@ def _html_table(table: pd.DataFrame, columns: list[str], highlight: bool) -> str
 _CSS = (
     "body{font-family:sans-serif;margin:2em;max-width:1400px;font-size:15px}table{border-collapse:collapse;"
     "font-size:14px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
-    "h2{margin-top:1.5em}.card td,.card th{text-align:left}"
+    "h2{margin-top:1.5em}.card td,.card th{text-align:left}details{overflow-x:auto}"
 )
 
 
@@ -90,11 +90,10 @@ def experiment_card(results: pd.DataFrame, per_condition, model: str | None, pre
     entry = entry.uns.get("perturbdiff", {}) if entry is not None else {}
     if "run" in entry:
         run = json.loads(entry["run"])
-        trained = f"{run.get('step', run.get('max_steps'))} steps" + (
-            f", best checkpoint at step {run['best_step']}" if run.get("best_step", -1) >= 0 else "")
+        used = f"; the checkpoint used is from step {run['step']}" if run.get("step") is not None else ""
         rows.append(("model", f"{model}: {run.get('process')} process, hidden {run.get('hidden')}, depth "
                               f"{run.get('depth')}, set size {run.get('set_size')}, {run.get('parameters'):,} "
-                              f"parameters; trained {trained}"))
+                              f"parameters; a budget of {run.get('max_steps')} training steps{used}"))
     if "settings" in entry:
         st = json.loads(entry["settings"])
         rows.append(("sampling", ", ".join(f"{k} {v}" for k, v in st.items() if v is not None)))
@@ -112,8 +111,8 @@ def experiment_card(results: pd.DataFrame, per_condition, model: str | None, pre
         from perturbdiff.baselines import BASELINES
 
         for b in baselines:
-            doc = (BASELINES[b].__doc__ or "").strip().split("\n\n")[0].replace("\n", " ") if b in BASELINES else ""
-            rows.append((f"baseline {b}", " ".join(doc.split())))
+            doc = (BASELINES[b].__doc__ or "").strip().split("\n\n")[0] if b in BASELINES else ""
+            rows.append((f"baseline {b}", " ".join(doc.replace("``", "").split())))
     if {"de_nsig_counts_real", "de_nsig_counts_pred"} <= set(results.columns):
         real_n = pd.to_numeric(results["de_nsig_counts_real"], errors="coerce").dropna()
         pred_n = pd.to_numeric(results["de_nsig_counts_pred"], errors="coerce")
