@@ -35,6 +35,7 @@ from perturbdiff.data import (
 )
 from perturbdiff.diffusion import energy_distance
 from perturbdiff.evaluate import metric
+from perturbdiff.model._debias import MIN_EFFECT, debias
 from perturbdiff.model._generate import (
     cells_to_generate,
     check_counts,
@@ -237,15 +238,13 @@ class PerturbDiff(Run):
         return pred
 
     def debias(self, pred: AnnData, *, related: Sequence[Condition] | None = None, adata: AnnData | None = None,
-               level: float = 0.9, fdr: float = 0.05, lam: float | None = None, min_effect: float = 0.05,
+               level: float = 0.9, fdr: float = 0.05, lam: float | None = None, min_effect: float = MIN_EFFECT,
                progress: bool = True, device: str | torch.device | None = None) -> AnnData:
         """Prediction-powered pseudobulks of the conditions in ``pred``: the generated response corrected by the
         model's error on ``related`` measured conditions held out of training (default: the split's validation
         conditions, at least two), with ``level`` prediction intervals and DE calls at ``fdr`` of responses larger
         than ``min_effect`` (log1p); ``lam`` fixes λ (1: PPI, 0: the related conditions' mean response), None tunes
         it. Conditions × genes, in log1p; see :mod:`perturbdiff.model._debias` for the layers."""
-        from perturbdiff.model._debias import debias
-
         return debias(self, pred, related=related, adata=adata, level=level, fdr=fdr, lam=lam,
                       min_effect=min_effect, progress=progress, device=device)
 
