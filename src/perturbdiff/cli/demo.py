@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
         context_column,
         evaluate_predictions,
         format_table,
-        headline,
         verdict_lines,
         verdict_table,
         write_report,
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(table))
     print()
-    for line in verdict_lines(verdict_table(per, "perturbdiff", list(BASELINES), headline()), "perturbdiff"):
+    for line in verdict_lines(verdict_table(per, "perturbdiff", list(BASELINES)), "perturbdiff"):
         print(line)
     print(f"\nreport: {html.resolve()}")
     return 0

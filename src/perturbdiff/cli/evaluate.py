@@ -165,7 +165,6 @@ def run(args: argparse.Namespace) -> int:
         context_column,
         evaluate_predictions,
         format_table,
-        headline,
         verdict_lines,
         verdict_table,
         with_ceiling,
@@ -206,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(table))
     model = next(iter(user), None)
     if model is not None and base:
-        for line in verdict_lines(verdict_table(per, model, base, headline()), model):
+        for line in verdict_lines(verdict_table(per, model, base), model):
             print(line)
     print(f"report: {html}")
     return 0

@@ -162,14 +162,12 @@ def _predict_split(args: argparse.Namespace):
     model = PerturbDiff.load(args.run, adata=adata, which=args.checkpoint)
     if args.split:
         model.split = Split.read(args.split)
-    if args.debias:  # every problem with the related conditions named before any generation
-        from perturbdiff.data import align_genes
+    if args.debias:  # every problem with the related conditions named before any generation (reads obs only)
         from perturbdiff.model import check_related
 
         if model.split is None:
             raise ConfigError("--debias needs a split (--split, or the one saved with the run)")
-        check_related(model, None, model.split.subset(args.subset or "test"),
-                      align_genes(adata, model.genes, missing_genes=args.missing_genes))
+        check_related(model, None, model.split.subset(args.subset or "test"), adata)
     pred = model.predict(subset=args.subset or "test", n_cells=args.n_cells, n_samples=args.n_samples,
                          guidance=args.guidance, steps=args.steps, start=args.start, solver=args.solver,
                          seed=args.seed, include_controls=not args.no_controls, progress=not args.no_progress,

@@ -369,7 +369,7 @@ def write_report(
         conds = top_conditions(real, pert_col, control, context_col, n_top)
         figs.append(("debiased", "Debiased responses and their 90 % intervals, the most responsive genes",
                      fig_debiased(debiased, real, conds, **kw)))
-    verdicts = (verdict_table(per_condition, model, baselines, headline())
+    verdicts = (verdict_table(per_condition, model, baselines)
                 if per_condition and model in per_condition and baselines else None)
     card = experiment_card(results, per_condition, model, preds, real, pert_col=pert_col, control=control,
                            context_col=context_col, baselines=baselines)

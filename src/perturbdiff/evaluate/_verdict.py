@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats
 
 from perturbdiff.evaluate._metrics import KEY_COLS
-from perturbdiff.evaluate._registry import is_score, label, lower_is_better
+from perturbdiff.evaluate._registry import headline, is_score, label, lower_is_better
 
 WIN, TIE, LOSS, NONE = "win", "tie", "loss", "—"
 TIE_REL = 0.02  # fewer than 3 conditions: |difference| within 2 % of the baseline's value is a tie
@@ -44,9 +44,11 @@ def verdict(model: Sequence[float], baseline: Sequence[float], *, lower_better: 
 
 
 def verdict_table(per_condition: dict[str, pd.DataFrame], model: str, baselines: Sequence[str],
-                  metrics: Sequence[str], *, level: float = 0.9) -> pd.DataFrame:
+                  metrics: Sequence[str] | None = None, *, level: float = 0.9) -> pd.DataFrame:
     """Metric × baseline table of verdicts of ``model``, from the per-condition tables of ``evaluate_predictions``
-    (conditions paired by context and perturbation); counts (no best value) are left out."""
+    (conditions paired by context and perturbation), over ``metrics`` (default: the summary's); counts (no best
+    value) are left out."""
+    metrics = headline() if metrics is None else metrics
     mine = per_condition[model].set_index(KEY_COLS)
     rows = {}
     for name in metrics:
