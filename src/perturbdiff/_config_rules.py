@@ -12,8 +12,9 @@ PROCESS_KINDS = ("vp", "flow")  # perturbdiff.diffusion.PROCESSES
 FLOW_CHOICES = {"flow_source": ("noise", "control"), "flow_pairing": ("random", "ot"),
                 "flow_time": ("uniform", "logit_normal"), "flow_target": ("endpoint", "velocity")}
 SOLVERS = ("euler", "heun", "dopri5", "rk4")
-CODEC_KINDS = ("scale",)  # perturbdiff.data.CODECS
+CODEC_KINDS = ("scale", "latent")  # perturbdiff.data.CODECS
 PRECISIONS = ("auto", "bf16", "fp32")
+ZERO_MODES = ("sample", "mean", "threshold")  # perturbdiff.data._latent.ZERO_MODES
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -100,6 +101,10 @@ RULES: dict[str, tuple[Any, str]] = {
     "sample.truncated_start_t": (_nonneg, ">= 0"), "sample.guidance": (math.isfinite, "a finite number"),
     "codec.kind": (lambda v: v in CODEC_KINDS, f"one of {', '.join(CODEC_KINDS)}"),
     "codec.zero_threshold": (_nonneg, ">= 0"),
+    "codec.latent_dim": (_pos, "at least 1"), "codec.latent_hidden": (_pos, "at least 1"),
+    "codec.latent_depth": (_pos, "at least 1"), "codec.latent_steps": (_pos, "at least 1"),
+    "codec.latent_batch": (_pos, "at least 1"), "codec.latent_lr": (_pos, "> 0"),
+    "codec.zeros": (lambda v: v in ZERO_MODES, f"one of {', '.join(ZERO_MODES)}"),
     "train.lr": (_pos, "> 0"), "train.betas": (lambda v: all(0.0 <= b < 1.0 for b in v), "each in [0, 1)"),
     "train.eps": (_pos, "> 0"), "train.weight_decay": (_nonneg, ">= 0"), "train.warmup_steps": (_nonneg, ">= 0"),
     "train.plateau_fraction": (_unit, "in [0, 1]"), "train.min_lr_ratio": (_unit, "in [0, 1]"),

@@ -130,13 +130,24 @@ class SampleConfig:
 
 @dataclass
 class CodecConfig:
-    """Gene space <-> model space (perturbdiff.data.CODECS): "scale" = log1p / record scale, clipped, zero floor."""
+    """Gene space <-> model space (perturbdiff.data.CODECS): "scale" = log1p / record scale, clipped, zero floor;
+    "latent" = an autoencoder's standardised latent, decoded with a zero model (data/_latent.py)."""
 
     kind: str = "scale"
     zero_threshold: float = 1e-4  # model-space values below this are set to 0 in outputs
     # also zero values below half the lowest real non-zero level (1st percentile of non-zero training values):
     # generated cells otherwise carry many small values that real cells never have (SPEC §8), which inflates DE calls
     auto_zero: bool = True
+    # kind = "latent": the autoencoder (genes -> latent_hidden x latent_depth -> latent_dim, and back), fitted for
+    # latent_steps steps of latent_batch training cells before the process trains; how decoded cells get their
+    # zeros: "sample" (drawn from the decoder's detection probability), "mean" (p·value, no zeros), "threshold"
+    latent_dim: int = 64
+    latent_hidden: int = 512
+    latent_depth: int = 2
+    latent_steps: int = 2000
+    latent_batch: int = 256
+    latent_lr: float = 1e-3
+    zeros: str = "sample"
 
 
 @dataclass

@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from perturbdiff._config_rules import CODEC_KINDS
 from perturbdiff._logging import logger
 from perturbdiff.cli import threads_argument
 from perturbdiff.config import DEFAULT_PRESET, PRESETS, Config
@@ -31,11 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_config_arguments(p: argparse.ArgumentParser, *, training: bool = True) -> None:
-    """The flags every training command shares (train, pretrain, finetune; ``config`` takes the first five)."""
+    """The flags every training command shares (train, pretrain, finetune; ``config`` takes the first six)."""
     p.add_argument("--config", help="TOML file with any hyper-parameters (sections data/model/diffusion/train)")
     p.add_argument("--preset", choices=list(PRESETS), help="model size preset (default: small, or the config's)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config)")
+    p.add_argument("--codec", choices=CODEC_KINDS,
+                   help="model space: scale (every gene, the default) or latent (an autoencoder fitted on the training "
+                        "cells first; cost stops growing with the number of genes; codec.latent_* keys set it up)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set diffusion.ed_weight=0.5 (repeatable); "
                         "`perturbdiff config --keys` lists every key, `perturbdiff config --preset small` the values")
@@ -62,7 +66,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     preset = args.preset or file_values.pop("preset", None) or DEFAULT_PRESET
     file_values.pop("preset", None)
     cfg = Config.from_preset(preset).update(file_values)
-    flags = {"train.max_steps": args.max_steps, "train.seed": args.seed,
+    flags = {"train.max_steps": args.max_steps, "train.seed": args.seed, "codec.kind": getattr(args, "codec", None),
              "data.fraction": getattr(args, "fraction", None)}
     cfg = cfg.update({k: v for k, v in flags.items() if v is not None})
     cfg = cfg.with_items(args.set or [])

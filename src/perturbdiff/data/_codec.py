@@ -3,8 +3,8 @@
 ``ScaleCodec`` (``codec.kind = "scale"``) divides log1p by the record's scale, bounds generated values by the
 largest training value and zeroes those below a floor (the configured threshold, or half the lowest real non-zero
 level): generated cells otherwise carry many small values real cells never have (SPEC §8). It is fitted on the
-training cells, saved with the run, and is the only place that knows the model space. A latent autoencoder is a
-second codec with the same four methods.
+training cells, saved with the run, and is the only place that knows the model space. ``LatentCodec``
+(``codec.kind = "latent"``, data/_latent.py) is the second: an autoencoder's latent, with the same methods.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from perturbdiff.data._latent import LatentCodec
 from perturbdiff.data._preprocess import MODEL_SCALE
 
 
@@ -41,10 +42,23 @@ class ScaleCodec:
         return cls(scale=float(scale), clip_max=vmax / float(scale) if nnz else None,
                    zero_level=q01 if nnz else 0.0, **_settings(cfg))
 
+    fitted: ClassVar[bool] = True
+    in_place: ClassVar[bool] = True  # to_model writes into a gene-space buffer (out=x)
+
+    def width(self, n_genes: int) -> int:
+        """Model-space width: one value per gene."""
+        return int(n_genes)
+
     # -- gene space -> model space -----------------------------------------------------------------------------
     def to_model(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """log1p cells (dense float32) in model space; in place with ``out=x``."""
         return np.divide(x, np.float32(self.scale), out=out)
+
+    def mean_of(self, X, rows: np.ndarray) -> np.ndarray:
+        """The mean model-space cell of ``rows`` of X (in blocks for a store)."""
+        from perturbdiff.data._store import row_mean
+
+        return self.to_model(row_mean(X, rows))
 
     # -- what a process may generate ---------------------------------------------------------------------------
     def clip(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,8 +75,8 @@ class ScaleCodec:
         return x.masked_fill(x < self.floor(), 0.0)
 
     # -- model space -> gene space -----------------------------------------------------------------------------
-    def from_model(self, x: np.ndarray) -> np.ndarray:
-        """Model-space cells (float32) in log1p."""
+    def from_model(self, x: np.ndarray, seed: int | tuple = 0) -> np.ndarray:
+        """Model-space cells (float32) in log1p (``seed``: unused, the latent codec draws its zeros with it)."""
         return x * np.float32(self.scale)
 
     # -- variants and persistence ------------------------------------------------------------------------------
@@ -73,24 +87,40 @@ class ScaleCodec:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Nothing beyond the header: the scale codec is a few numbers."""
+        return {}
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ScaleCodec:
+    def from_dict(cls, d: dict[str, Any], tensors: dict[str, torch.Tensor] | None = None) -> ScaleCodec:
         return cls(**{k: v for k, v in d.items() if k != "kind"})
 
 
 #: codec kind (``codec.kind``) -> class; a new codec is one file in data/ and one entry here
-CODECS: dict[str, type] = {"scale": ScaleCodec}
+CODECS: dict[str, type] = {"scale": ScaleCodec, "latent": LatentCodec}
+
+
+def new_codec(cfg, X, rows: np.ndarray, *, scale: float = MODEL_SCALE, seed: int = 0):
+    """The configured codec (a CodecConfig) for a new run: the scale codec fitted on the training cells ``rows``
+    of X now; the latent codec set up unfitted (training fits its autoencoder, or takes it from the run it
+    resumes)."""
+    if cfg is not None and cfg.kind == "latent":
+        return LatentCodec.from_config(X.shape[1], cfg, seed=seed)
+    return ScaleCodec.fit(X, rows, scale=scale, cfg=cfg)
 
 
 def _settings(cfg) -> dict[str, Any]:
     return {} if cfg is None else {"zero_threshold": cfg.zero_threshold, "auto_zero": cfg.auto_zero}
 
 
-def codec_from_meta(meta: dict[str, Any], cfg=None):
-    """The codec a checkpoint holds; checkpoints written before codecs existed kept its parts at the top level."""
+def codec_from_meta(meta: dict[str, Any], cfg=None, tensors: dict[str, torch.Tensor] | None = None):
+    """The codec a checkpoint holds (its weights, if any, are the ``codec.*`` ``tensors``); checkpoints written
+    before codecs existed kept its parts at the top level."""
     if "codec" in meta:
         d = dict(meta["codec"])
-        return CODECS[d.get("kind", "scale")].from_dict(d)
+        prefix = "codec."
+        own = {k[len(prefix):]: v for k, v in (tensors or {}).items() if k.startswith(prefix)}
+        return CODECS[d.get("kind", "scale")].from_dict(d, own)
     scale = meta.get("scale", (meta.get("record") or {}).get("scale", MODEL_SCALE))
     return ScaleCodec(scale=float(scale), clip_max=meta.get("clip_max"), zero_level=float(meta.get("zero_level", 0.0)),
                       **_settings(cfg))

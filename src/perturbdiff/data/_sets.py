@@ -251,10 +251,21 @@ class CellSetDataset(Dataset):
         self.X = row_reader(adata.X)  # in-memory CSR or a store's lazy rows
         self.index, self.set_size, self.seed = index, int(set_size), int(seed)
         self.control_set_fraction, self.codec = float(control_set_fraction), codec or ScaleCodec()
+        # a latent codec's cells are encoded once, here: a step then gathers D-wide rows whatever the gene count
+        self.encoded = None if self.codec.in_place else self._encode_all()
         self._sizes = np.asarray([len(r) for r in index.unit_rows], dtype=np.int64)
         self._flat = np.concatenate([np.zeros(0, np.int64), *index.unit_rows])
         self._cov = self._covariates(vocab)
         self.set_epoch(0)
+
+    def _encode_all(self) -> np.ndarray:
+        """Model-space rows [n_obs, D] of every cell a set can draw (training units, control pools; others 0)."""
+        rows = np.unique(np.concatenate([np.zeros(0, np.int64), *self.index.unit_rows, *self.index.pools]))
+        out = np.zeros((self.index.n_obs, self.codec.width(self.X.shape[1])), np.float32)
+        for i in range(0, len(rows), 4096):
+            blk = rows[i:i + 4096]
+            out[blk] = self.codec.to_model(self.X[blk].toarray().astype(np.float32, copy=False))
+        return out
 
     def _covariates(self, vocab: Vocab) -> dict[str, np.ndarray]:
         """Covariate table: one row per unit, then one per own control pool (control->control sets)."""
@@ -288,20 +299,25 @@ class CellSetDataset(Dataset):
         return len(self._target)
 
     def __getitems__(self, indices: Sequence[int]) -> SetBatch:
-        """B sets in one CSR gather: target/control [B, S, G] in model space, pad [B, S], covariates [B, ...].
+        """B sets in one gather: target/control [B, S, G] in model space (G: the codec's width), pad [B, S],
+        covariates [B, ...].
 
         Every tensor of the batch is a view of one byte buffer, so a worker ships a single shared-memory block.
         """
         idx = np.asarray(indices, dtype=np.int64)
-        B, S, G = len(idx), self.set_size, self.X.shape[1]
+        B, S, G = len(idx), self.set_size, self.codec.width(self.X.shape[1])
         r = self._cov_row[idx]
         ints = {k: v[r] for k, v in self._cov.items()}  # pert [B, P], context [B, C], batch/dose/cond [B]
         n_x, n_int = 2 * B * S * G * 4, sum(v.size for v in ints.values()) * 8
         buf = torch.empty(n_x + n_int + B * S, dtype=torch.uint8)
         x = buf[:n_x].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
         out = x.numpy().reshape(2 * B * S, G)
-        self.X[np.concatenate([self._target[idx].ravel(), self._control[idx].ravel()])].toarray(out=out)
-        self.codec.to_model(out, out=out)
+        rows = np.concatenate([self._target[idx].ravel(), self._control[idx].ravel()])
+        if self.encoded is not None:
+            np.take(self.encoded, rows, axis=0, out=out)
+        else:
+            self.X[rows].toarray(out=out)
+            self.codec.to_model(out, out=out)
         batched = {"target": x[0], "control": x[1]}
         offset = n_x
         for k, v in ints.items():

@@ -57,7 +57,7 @@ def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str],
     parts = model._cells(view, [c[:2] for c in conds], cond_pools, counts, settings=settings, n_samples=n_samples,
                          seed=seed, progress=progress, device=device, doses=doses,
                          unknown_pert=unknown_perturbations)
-    pred = _with_user_controls(_assemble(model, parts, conds, user_keys), prepared, model.keys, user_keys)
+    pred = _with_user_controls(_assemble(model, parts, conds, user_keys, seed), prepared, model.keys, user_keys)
     pred.uns["perturbdiff"] = _uns(model, settings, prepared, user_keys, perts, unknown, input_kind=input_kind,
                                    n_samples=n_samples, seed=seed)
     logger.info("generated %d cells for %d condition(s) in %d context(s), %d sample(s)",
@@ -173,11 +173,12 @@ def _run_view(model, prepared: AnnData, user_keys: Sequence[str], batch_key: str
 
 
 # -- output -----------------------------------------------------------------------------------------------------
-def _assemble(model, parts: list[np.ndarray], conds, user_keys: Sequence[str]) -> AnnData:
-    """Predicted cells with the user's context column names (+ the run's dose column)."""
+def _assemble(model, parts: list[np.ndarray], conds, user_keys: Sequence[str], seed: int) -> AnnData:
+    """Predicted cells with the user's context column names (+ the run's dose column); a latent codec draws its
+    zeros from (seed, part)."""
     keys, n = model.keys, len(conds)
-    pred = assemble([(j % n, j // n, model.codec.from_model(c)) for j, c in enumerate(parts)], [c[:2] for c in conds],
-                    model.genes, keys.pert_key, user_keys)
+    cells = [(j % n, j // n, model.codec.from_model(c, seed=(seed, j))) for j, c in enumerate(parts)]
+    pred = assemble(cells, [c[:2] for c in conds], model.genes, keys.pert_key, user_keys)
     if keys.dose_key is not None:
         cond = np.repeat(np.arange(len(parts)) % n, [len(c) for c in parts])
         pred.obs[keys.dose_key] = np.asarray([c[2] for c in conds], dtype=object)[cond]

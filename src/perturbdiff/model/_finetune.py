@@ -39,6 +39,10 @@ def finetune(pretrained: Pretrained, cfg: Config, adata: AnnData, split: Split, 
     if changed:
         logger.info("finetuning keeps the pretrained architecture (%s)", ", ".join(f"{k}={arch[k]}" for k in changed))
     cfg = cfg.update(arch)
+    if cfg.codec.kind != pretrained.codec.kind and io_layers != "task":
+        raise ConfigError(f"a {cfg.codec.kind} codec task cannot take the pretrained run's {pretrained.codec.kind} "
+                          f"input/output layers (io_layers={io_layers!r}): use io_layers='task' (--io-layers task) "
+                          "to copy the trunk only")
     model = PerturbDiff.from_config(cfg, adata, split)
     d = pretrained.dataset_index(dataset, model.genes)
     done = transfer_weights(model.network, pretrained, model.genes, model.vocab, io_layers=io_layers, dataset=d)

@@ -71,7 +71,7 @@ def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes:
     device = torch.device(device or default_device())
     net = (network or run.network).to(device).eval()
     X = None if X is None else row_reader(X)  # in-memory CSR or a store's lazy rows
-    G = X.shape[1] if X is not None else int(n_genes)
+    G = codec.width(X.shape[1] if X is not None else int(n_genes))  # model-space width
     N, S = len(plan), plan.set_size
     out = np.zeros((N, S, G), np.float32)
 
@@ -79,7 +79,8 @@ def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes:
         if plan.rows is None:
             ctrl = torch.zeros(sl.stop - sl.start, S, G)
         else:
-            ctrl = torch.from_numpy(codec.to_model(X[plan.rows[sl].ravel()].toarray())).view(-1, S, G)
+            ctrl = torch.from_numpy(codec.to_model(X[plan.rows[sl].ravel()].toarray().astype(np.float32, copy=False)))
+            ctrl = ctrl.view(-1, S, G)
         return ctrl.to(device), {k: torch.from_numpy(np.ascontiguousarray(v[sl])).to(device) for k, v in cov.items()}
 
     first = inputs(slice(0, min(batch_size, N))) if N else None

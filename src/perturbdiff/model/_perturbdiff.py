@@ -20,16 +20,16 @@ from perturbdiff.data import (
     CellSetIndex,
     Condition,
     DataKeys,
-    ScaleCodec,
     Split,
     Vocab,
     align_genes,
     align_table,
     as_csr,
+    codec_from_meta,
     get_record,
     labels,
+    new_codec,
     read_embedding_table,
-    row_mean,
     training_mask,
     unseen_error,
 )
@@ -48,6 +48,7 @@ from perturbdiff.model._generate import (
 from perturbdiff.model._output import assemble, output_uns, sampler_settings, with_real_controls
 from perturbdiff.model._run import TASK, Run, build_network
 from perturbdiff.nn import Denoiser
+from perturbdiff.train import load_checkpoint, resume_point
 
 
 class PerturbDiff(Run):
@@ -82,15 +83,16 @@ class PerturbDiff(Run):
             table = torch.from_numpy(align_table(vocab.pert, names, mat))
             logger.info("perturbation embeddings %s: %d labels, %d of them not seen in training",
                         cfg.model.pert_embedding, len(names), len(vocab.pert) - vocab.first_label - len(seen))
+        train_rows = np.flatnonzero(training_mask(adata, keys, split))
+        # the scale codec is fitted here (a store: chunked); the latent one when training starts
+        codec = new_codec(cfg.codec, adata.X, train_rows, scale=record["scale"], seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        network = build_network(cfg, adata.n_vars, vocab, pert_table=table)
+        network = build_network(cfg, codec.width(adata.n_vars), vocab, pert_table=table)
         if table is not None:  # table-only labels: their learned part starts at zero, only the table speaks
             with torch.no_grad():
                 network.cov_encoder.pert.weight[vocab.first_label + len(seen):] = 0.0
-        train_rows = np.flatnonzero(training_mask(adata, keys, split))
         _check_gene_selection(record, len(train_rows), adata.n_obs)
         _check_test_representable(vocab, split)
-        codec = ScaleCodec.fit(adata.X, train_rows, scale=record["scale"], cfg=cfg.codec)  # store: chunked
         summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
                    "n_val_conditions": len(split.val), "n_test_conditions": len(split.test),
                    "seen_perturbations": seen}
@@ -102,7 +104,7 @@ class PerturbDiff(Run):
     @classmethod
     def _from_meta(cls, cfg, meta, vocab, codec, tensors, *, adata: AnnData | None = None) -> PerturbDiff:
         table = tensors.get("ema.cov_encoder.pert_table")
-        network = build_network(cfg, len(meta["record"]["genes"]), vocab,
+        network = build_network(cfg, codec.width(len(meta["record"]["genes"])), vocab,
                                 pert_table=None if table is None else torch.zeros_like(table))
         split = Split.from_dict(meta["split"]) if meta.get("split") else None
         return cls(cfg, network, vocab, meta["record"], codec, split=split, adata=adata, summary=meta.get("summary"))
@@ -120,6 +122,8 @@ class PerturbDiff(Run):
         if self.adata is None or self.split is None:
             raise DataError("training needs the AnnData and split given to PerturbDiff.from_config")
         cfg = self._budget(max_steps)
+        if not self.codec.fitted:
+            self._fit_codec(out_dir, resume=resume, progress=progress, device=device)
         index = CellSetIndex.build(self.adata, self.keys, self.split.train, fraction=cfg.data.fraction,
                                    seed=cfg.train.seed)
         dataset = CellSetDataset(self.adata, index, self.vocab, set_size=cfg.data.set_size, seed=cfg.train.seed,
@@ -130,6 +134,22 @@ class PerturbDiff(Run):
         self.network.load_state_dict(trainer.best_weights())
         return self
 
+    def _fit_codec(self, out_dir, *, resume: bool, progress: bool, device) -> None:
+        """The latent codec's autoencoder: the one of the run being resumed in ``out_dir``, else fitted on the
+        training cells (control and training conditions); its reconstruction goes into the summary."""
+        point = resume_point(Path(out_dir)) if out_dir is not None and resume else None
+        if point is not None:
+            tensors, meta = load_checkpoint(point, prefixes=("codec.",))
+            codec = codec_from_meta(meta, self.cfg.codec, tensors)
+            if codec.kind == self.codec.kind and codec.fitted:
+                logger.info("latent codec: the autoencoder of the run being resumed (%s)", point.name)
+                self.set_codec(codec)
+                self.summary["codec"] = codec.quality
+                return
+        rows = np.flatnonzero(training_mask(self.adata, self.keys, self.split))
+        self.set_codec(self.codec.fit(self.adata.X, rows, progress=progress, device=device))
+        self.summary["codec"] = self.codec.quality
+
     def _validator(self, device):
         """Cheap but meaningful score on validation conditions: energy distance and pearson_delta (model space)."""
         conds = self.split.val[: self.cfg.train.val_max_conditions]
@@ -138,7 +158,7 @@ class PerturbDiff(Run):
         n_cells = [min(len(g), 2 * S) for g in index.groups]
         pools = [index.control_pool(i) for i in range(len(conds))]
         real = [self.codec.to_model(as_csr(self.adata.X[g[:n]]).toarray()) for g, n in zip(index.groups, n_cells)]
-        ctrl_mean = [self.codec.to_model(row_mean(self.adata.X, pool)) for pool in pools]  # store: in blocks
+        ctrl_mean = [self.codec.mean_of(self.adata.X, pool) for pool in pools]  # store: in blocks
         unseen = self.vocab.unseen_parts([p for _, p in conds])
         if unseen:  # held-out perturbations: the generic token is the only route, so validation takes it
             logger.info("validation condition(s) %s hold perturbations never seen in training: validated through "
@@ -228,7 +248,8 @@ class PerturbDiff(Run):
         parts = self._cells(adata, conditions, pools, counts, settings=settings, n_samples=n_samples, seed=seed,
                             progress=progress, device=device, unknown_pert=unknown_perturbations)
         n = len(conditions)
-        pred = assemble([(j % n, j // n, self.codec.from_model(c)) for j, c in enumerate(parts)], conditions,
+        pred = assemble([(j % n, j // n, self.codec.from_model(c, seed=(seed, j))) for j, c in enumerate(parts)],
+                        conditions,
                         self.genes, self.keys.pert_key, self.keys.context_keys)
         if include_controls:
             pred = with_real_controls(pred, adata, self.keys, {c for c, _ in conditions})

@@ -86,6 +86,9 @@ class Pretrained(Run):
         if cfg.diffusion.process == "flow" and cfg.diffusion.flow_source == "control":
             raise ConfigError("pretraining has no control cells to start a flow from (the control stream is zero): "
                               "use diffusion.flow_source = 'noise'")
+        if cfg.codec.kind != "scale":
+            raise ConfigError(f"pretraining works in gene space (codec.kind = 'scale'), not {cfg.codec.kind!r}: a "
+                              "latent autoencoder over a pretraining gene vocabulary is not built yet")
         genes = gene_vocabulary([s.genes for s in sources])
         tokens = sorted(set().union(*(set(s.contexts.tolist()) for s in sources)))
         vocab = Vocab(pert=[PAD, "control", UNKNOWN], contexts=[[UNKNOWN, *tokens]], context_keys=["context"])

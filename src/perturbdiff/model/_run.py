@@ -82,7 +82,8 @@ class Run:
         """Train ``self.network`` on ``dataset`` through the process; checkpoints under ``out_dir``."""
         cfg = self.cfg
         self.trainer = run_trainer(self.network, self.process, dataset, cfg, meta=self._meta, validate=validate,
-                                   out_dir=out_dir, device=device or default_device(), resume=resume, files=files)
+                                   out_dir=out_dir, device=device or default_device(), resume=resume, files=files,
+                                   extra_tensors=self._codec_tensors)
         logger.info("%s on %d sets/epoch of %d cells, %d parameters", what, len(dataset), cfg.data.set_size,
                     sum(p.numel() for p in self.network.parameters()))
         self.trainer.fit(max_steps, progress=progress)
@@ -94,19 +95,28 @@ class Run:
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path / "model.safetensors"
-        return save_checkpoint(path, {f"ema.{k}": v for k, v in self.network.state_dict().items()}, self._meta())
+        tensors = {f"ema.{k}": v for k, v in self.network.state_dict().items()}
+        return save_checkpoint(path, {**tensors, **self._codec_tensors()}, self._meta())
+
+    def _codec_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"codec.{k}": v for k, v in self.codec.tensors().items()}
+
+    def set_codec(self, codec) -> None:
+        """Use ``codec`` (a fitted latent codec replacing its unfitted settings); the process follows it."""
+        self.codec = codec
+        self.process = make_process(self.cfg.diffusion, codec)
 
     @classmethod
     def load(cls, path: str | Path, *, which: str = "best", **kwargs):
         """Load a run directory (``best``/``last``/``model`` checkpoint) or a ``.safetensors`` file; no pickle."""
         path = resolve_checkpoint(path, which)
-        tensors, meta = load_checkpoint(path, prefixes=("ema.",))
+        tensors, meta = load_checkpoint(path, prefixes=("ema.", "codec."))
         kind = meta.get("kind", TASK)
         if kind != cls.kind:
             raise CheckpointError(WRONG_KIND[cls.kind].format(path=path))
         cfg = Config.from_checkpoint(meta["config"])
         vocab = Vocab.from_dict(meta["vocab"])
-        run = cls._from_meta(cfg, meta, vocab, codec_from_meta(meta, cfg.codec), tensors, **kwargs)
+        run = cls._from_meta(cfg, meta, vocab, codec_from_meta(meta, cfg.codec, tensors), tensors, **kwargs)
         try:
             run.network.load_state_dict(split_prefix(tensors, "ema"))
         except RuntimeError as e:
@@ -144,8 +154,9 @@ WRONG_KIND = {
 }
 
 
-def build_network(cfg: Config, n_genes: int, vocab: Vocab, *, pert_table=None, n_datasets: int = 1) -> Denoiser:
-    return Denoiser(cfg.model, n_genes, vocab.sizes, pert_table=pert_table, n_datasets=n_datasets)
+def build_network(cfg: Config, width: int, vocab: Vocab, *, pert_table=None, n_datasets: int = 1) -> Denoiser:
+    """The denoiser over model-space cells of ``width`` values (genes, or a latent codec's dimensions)."""
+    return Denoiser(cfg.model, width, vocab.sizes, pert_table=pert_table, n_datasets=n_datasets)
 
 
 

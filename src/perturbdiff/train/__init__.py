@@ -5,7 +5,7 @@ from perturbdiff.train._distributed import DistInfo, barrier, cleanup, is_main, 
 from perturbdiff.train._ema import EMA
 from perturbdiff.train._loop import Trainer, TrainState
 from perturbdiff.train._optim import lr_factor, make_optimizer
-from perturbdiff.train._run import check_resumable, run_trainer
+from perturbdiff.train._run import check_resumable, resume_point, run_trainer
 
 __all__ = [
     "EMA",
@@ -16,6 +16,7 @@ __all__ = [
     "split_prefix",
     "run_trainer",
     "check_resumable",
+    "resume_point",
     "lr_factor",
     "make_optimizer",
     "DistInfo",

@@ -63,8 +63,9 @@ class Trainer:
 
     def __init__(self, network: nn.Module, process, dataset, cfg: Config, *, meta: Callable[[], dict],
                  validate: Callable[[nn.Module], dict] | None = None, out_dir: str | Path | None = None,
-                 device: str | torch.device | None = "cpu"):
+                 device: str | torch.device | None = "cpu", extra_tensors: Callable[[], dict] | None = None):
         self.net, self.process, self.cfg, self.meta = network, process, cfg, meta
+        self.extra_tensors = extra_tensors or dict  # fixed tensors every checkpoint carries (a codec's weights)
         self.dist, self.device = setup_distributed(device)  # one plain process unless under torchrun
         self.loader = SetLoader(dataset, cfg.data.batch_sets, num_workers=cfg.data.num_workers,
                                 pin_memory=self.device.type == "cuda", rank=self.dist.rank,
@@ -267,7 +268,8 @@ class Trainer:
         opt_tensors, opt_info = optimizer_to_flat(self.opt)
         tensors = {**{f"model.{k}": v for k, v in self.net.state_dict().items()},
                    **{f"ema.{k}": v for k, v in self.ema.state_dict().items()},
-                   **opt_tensors, "rng.loss": self.gen.get_state(), "rng.torch": torch.get_rng_state()}
+                   **opt_tensors, "rng.loss": self.gen.get_state(), "rng.torch": torch.get_rng_state(),
+                   **self.extra_tensors()}
         self.state.threads = torch.get_num_threads()
         meta = {**self.meta(), "state": asdict(self.state), "optimizer": opt_info}
         return save_checkpoint(path, tensors, meta)

@@ -75,7 +75,8 @@ def _jsonable(v):
 
 def run_trainer(network: nn.Module, process, dataset, cfg: Config, *, meta: Callable[[], dict],
                 validate: Callable[[nn.Module], dict] | None, out_dir: str | Path | None, device,
-                resume: bool = True, files: dict[str, Callable[[Path], object]] | None = None) -> Trainer:
+                resume: bool = True, files: dict[str, Callable[[Path], object]] | None = None,
+                extra_tensors: Callable[[], dict] | None = None) -> Trainer:
     """A Trainer for a run directory: rank 0 writes config.toml (and ``files``: name -> writer(path)); the run
     continues from ``last.safetensors`` when ``resume`` and it exists.
 
@@ -106,7 +107,8 @@ def run_trainer(network: nn.Module, process, dataset, cfg: Config, *, meta: Call
             atomic_write_text(out / "config.toml", cfg.to_toml())
             for name, write in (files or {}).items():
                 write(out / name)
-    trainer = Trainer(network, process, dataset, cfg, meta=meta, validate=validate, out_dir=out, device=device)
+    trainer = Trainer(network, process, dataset, cfg, meta=meta, validate=validate, out_dir=out, device=device,
+                      extra_tensors=extra_tensors)
     if start is not None:
         trainer.resume(start)
     trainer.start_step = trainer.state.step
