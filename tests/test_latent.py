@@ -111,6 +111,17 @@ def test_a_latent_run_learns_the_planted_shift_and_writes_its_reconstruction(lat
     assert meta["codec"]["kind"] == "latent" and any(k.startswith("codec.encoder.") for k in tensors)
 
 
+def test_vp_diffusion_runs_over_latent_cells_too():
+    adata, split = planted_data(n_per_group=64)
+    cfg = latent_config(max_steps=150).update({"diffusion.process": "vp", "sample.steps": 10,
+                                               "codec.latent_steps": 200})
+    model = PerturbDiff.from_config(cfg, adata, split).train(progress=False, device="cpu")
+    pred = model.predict([(("B",), "UP")], n_cells=64, include_controls=False, progress=False).X.toarray()
+    ctrl = adata[(adata.obs["cell_type"] == "B").to_numpy() & (adata.obs["perturbation"] == "control").to_numpy()]
+    shift = pred.mean(0) - ctrl.X.toarray().mean(0)
+    assert shift[SHIFTED].mean() > 1.0 > abs(np.delete(shift, SHIFTED).mean()), shift
+
+
 def test_a_latent_run_round_trips_through_save_load_and_predict(latent_run, tmp_path):
     model, adata, _, out = latent_run
     back = PerturbDiff.load(out, adata=adata)

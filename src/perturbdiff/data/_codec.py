@@ -54,12 +54,6 @@ class ScaleCodec:
         """log1p cells (dense float32) in model space; in place with ``out=x``."""
         return np.divide(x, np.float32(self.scale), out=out)
 
-    def mean_of(self, X, rows: np.ndarray) -> np.ndarray:
-        """The mean model-space cell of ``rows`` of X (in blocks for a store)."""
-        from perturbdiff.data._store import row_mean
-
-        return self.to_model(row_mean(X, rows))
-
     # -- what a process may generate ---------------------------------------------------------------------------
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space values bounded by the largest training value (applied to every x̂0 while sampling)."""

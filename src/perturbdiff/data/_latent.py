@@ -190,14 +190,6 @@ class LatentCodec:
                             for i in range(0, len(flat), 8192)]) if len(flat) else np.zeros((0, self.dim), np.float32)
         return z.reshape(*x.shape[:-1], self.dim)
 
-    def mean_of(self, X, rows: np.ndarray) -> np.ndarray:
-        """The mean latent cell of ``rows`` of X (the mean of the encoded cells, in blocks)."""
-        X, rows = row_reader(X), np.asarray(rows, np.int64)
-        total = np.zeros(self.dim)
-        for i in range(0, len(rows), 4096):
-            total += self.to_model(X[rows[i:i + 4096]].toarray().astype(np.float32)).sum(0)
-        return (total / max(len(rows), 1)).astype(np.float32)
-
     # -- what a process may generate ---------------------------------------------------------------------------
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         """Latent values bounded by 1.5× the largest |value| of the training cells: the decoder is not asked to

@@ -20,6 +20,7 @@ from perturbdiff.data import (
     CellSetIndex,
     Condition,
     DataKeys,
+    ScaleCodec,
     Split,
     Vocab,
     align_genes,
@@ -30,6 +31,7 @@ from perturbdiff.data import (
     labels,
     new_codec,
     read_embedding_table,
+    row_mean,
     training_mask,
     unseen_error,
 )
@@ -151,14 +153,17 @@ class PerturbDiff(Run):
         self.summary["codec"] = self.codec.quality
 
     def _validator(self, device):
-        """Cheap but meaningful score on validation conditions: energy distance and pearson_delta (model space)."""
+        """Cheap but meaningful score on validation conditions: energy distance and pearson_delta, in the scale
+        codec's space (log1p / the record's scale) whatever the run's codec, so runs of either codec (and of any
+        latent size) compare: a latent run's cells are decoded first (zeros drawn, seeded)."""
         conds = self.split.val[: self.cfg.train.val_max_conditions]
         index = CellSetIndex.build(self.adata, self.keys, conds)
         S = self.cfg.data.set_size
         n_cells = [min(len(g), 2 * S) for g in index.groups]
         pools = [index.control_pool(i) for i in range(len(conds))]
-        real = [self.codec.to_model(as_csr(self.adata.X[g[:n]]).toarray()) for g, n in zip(index.groups, n_cells)]
-        ctrl_mean = [self.codec.mean_of(self.adata.X, pool) for pool in pools]  # store: in blocks
+        space = self.codec if self.codec.in_place else ScaleCodec(scale=float(self.record["scale"]))
+        real = [space.to_model(as_csr(self.adata.X[g[:n]]).toarray()) for g, n in zip(index.groups, n_cells)]
+        ctrl_mean = [space.to_model(row_mean(self.adata.X, pool)) for pool in pools]  # store: in blocks
         unseen = self.vocab.unseen_parts([p for _, p in conds])
         if unseen:  # held-out perturbations: the generic token is the only route, so validation takes it
             logger.info("validation condition(s) %s hold perturbations never seen in training: validated through "
@@ -168,6 +173,8 @@ class PerturbDiff(Run):
         def validate(net: torch.nn.Module) -> dict:
             pred = self._cells(self.adata, conds, pools, n_cells, network=net, device=device, progress=False,
                                unknown_pert="generic" if unseen else "error")
+            if space is not self.codec:
+                pred = [space.to_model(self.codec.from_model(p, seed=(0, i))) for i, p in enumerate(pred)]
             eds, rs = [], []
             for i, (r, p) in enumerate(zip(real, pred)):
                 eds.append(float(energy_distance(torch.from_numpy(p)[None], torch.from_numpy(r)[None])[0]))
