@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -195,3 +196,23 @@ def test_bad_codec_settings_are_named(synthetic_prep):
         unfitted.to_model(synthetic_prep.X[:2].toarray())
     with pytest.raises(DataError, match="needs training cells"):
         unfitted.fit(synthetic_prep.X, np.arange(1))
+
+
+def test_the_command_line_trains_predicts_and_reports_a_latent_run(tmp_path, capsys):
+    from perturbdiff.cli import main
+
+    adata, split = planted_data(n_per_group=40)
+    adata.write_h5ad(tmp_path / "data.h5ad")
+    split.write(tmp_path / "split.json")
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "data.h5ad"), "--split", str(tmp_path / "split.json"), "--preset", "tiny",
+                 "--codec", "latent", "--max-steps", "4", "--set", "train.val_every=2", "--set", "data.set_size=16",
+                 "--set", "codec.latent_steps=20", "--set", "codec.latent_dim=4", "--no-progress",
+                 "--out", str(run)]) == 0
+    assert main(["predict", str(run), "--data", str(tmp_path / "data.h5ad"), "--out", str(tmp_path / "pred.h5ad"),
+                 "--no-progress"]) == 0
+    assert main(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "codec: latent, 40 genes -> 4 dimensions; held-out reconstruction: cell r" in out
+    pred = ad.read_h5ad(tmp_path / "pred.h5ad")
+    assert pred.n_vars == 40 and pred.uns["perturbdiff"]

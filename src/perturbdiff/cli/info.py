@@ -39,7 +39,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"preprocessing: input {rec.get('input_kind')}, normalize {rec.get('normalize')}, "
           f"log1p {rec.get('log1p')}, scale {rec.get('scale')}, genes by {rec.get('gene_selection', {})}")
     print(f"split: {info['split']}")
-    print(f"training data: {json.dumps(info['summary'])}")
+    print(f"training data: {json.dumps({k: v for k, v in info['summary'].items() if k != 'codec'})}")
+    codec = info.get("codec") or {}
+    if codec.get("kind") == "latent":
+        q = codec.get("quality") or {}
+        print(f"codec: latent, {codec.get('n_genes')} genes -> {codec.get('dim')} dimensions; held-out "
+              f"reconstruction: cell r {q.get('cell_pearson', float('nan')):.3f}, zero rate "
+              f"{q.get('zero_rate_decoded', float('nan')):.3f} (data {q.get('zero_rate_data', float('nan')):.3f})")
+    else:
+        print(f"codec: {codec.get('kind', 'scale')} (every gene)")
     state = info.get("state") or {}
     print(f"trained steps: {state.get('step')}, best step {state.get('best_step')}")
     print(f"versions: {json.dumps(info.get('versions'))}")
