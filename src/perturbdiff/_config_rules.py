@@ -102,7 +102,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "codec.kind": (lambda v: v in CODEC_KINDS, f"one of {', '.join(CODEC_KINDS)}"),
     "codec.zero_threshold": (_nonneg, ">= 0"),
     "codec.latent_dim": (_pos, "at least 1"), "codec.latent_hidden": (_pos, "at least 1"),
-    "codec.latent_depth": (_pos, "at least 1"), "codec.latent_steps": (_pos, "at least 1"),
+    "codec.latent_depth": (_pos, "at least 1"), "codec.latent_steps": (lambda v: v >= 10, "at least 10"),
     "codec.latent_batch": (_pos, "at least 1"), "codec.latent_lr": (_pos, "> 0"),
     "codec.zeros": (lambda v: v in ZERO_MODES, f"one of {', '.join(ZERO_MODES)}"),
     "train.lr": (_pos, "> 0"), "train.betas": (lambda v: all(0.0 <= b < 1.0 for b in v), "each in [0, 1)"),

@@ -15,7 +15,6 @@ reconstruction quality measured on held-out training cells are JSON in its heade
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -54,18 +53,6 @@ class Autoencoder(nn.Module):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         value, logit = self.decoder(z * self.std + self.mean).chunk(2, dim=-1)
         return F.softplus(value), logit
-
-
-def _warmup_cosine(steps: int):
-    """Learning-rate factor: linear warm-up over 5 % of the steps (at least one), then cosine to 0."""
-    warm = max(1, steps // 20)
-
-    def factor(i: int) -> float:
-        if i < warm:
-            return (i + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (i - warm) / max(1, steps - warm))))
-
-    return factor
 
 
 def hurdle_loss(value: torch.Tensor, logit: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -133,7 +120,9 @@ class LatentCodec:
             torch.manual_seed(self.seed)
             net = Autoencoder(self.n_genes, self.dim, self.hidden, self.depth).to(device)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=1e-4)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(self.steps))
+            # one cycle, 5 % warm-up (at least 2 steps: a shorter first phase divides by zero in torch)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=self.steps,
+                                                        pct_start=max(0.05, 2.0 / self.steps))
             net.train()
             order, pos = rng.permutation(fit_rows), 0
             bar = tqdm(range(self.steps), disable=not progress, desc="autoencoder", unit="step", dynamic_ncols=True)
