@@ -138,7 +138,7 @@ class LatentCodec:
                 sched.step()
                 bar.set_postfix(bce=f"{parts['bce']:.3f}", mse=f"{parts['mse']:.3f}", refresh=False)
             net = net.cpu().eval()
-            codec = LatentCodec(**{k: getattr(self, k) for k in self._settings()}, net=net)
+            codec = LatentCodec(**self.settings(), net=net)
             z = codec._encode_raw(X, fit_rows[: 20 * self.batch])
             net.mean.copy_(torch.from_numpy(z.mean(0)))
             net.std.copy_(torch.from_numpy(z.std(0) + 1e-6))
@@ -150,8 +150,10 @@ class LatentCodec:
                     codec.quality["zero_rate_decoded"], codec.quality["zero_rate_data"])
         return codec
 
-    def _settings(self) -> list[str]:
-        return ["n_genes", "dim", "hidden", "depth", "steps", "batch", "lr", "zeros", "seed"]
+    def settings(self) -> dict[str, Any]:
+        """What the autoencoder was configured with (not what fitting produced)."""
+        keys = ("n_genes", "dim", "hidden", "depth", "steps", "batch", "lr", "zeros", "seed")
+        return {k: getattr(self, k) for k in keys}
 
     def _need(self) -> Autoencoder:
         if self.net is None:

@@ -137,13 +137,14 @@ class PerturbDiff(Run):
         return self
 
     def _fit_codec(self, out_dir, *, resume: bool, progress: bool, device) -> None:
-        """The latent codec's autoencoder: the one of the run being resumed in ``out_dir``, else fitted on the
-        training cells (control and training conditions); its reconstruction goes into the summary."""
+        """The latent codec's autoencoder: the one of the run being resumed in ``out_dir`` (same settings), else
+        fitted on the training cells (control and training conditions); its reconstruction goes into the summary.
+        Under torchrun every rank fits the same autoencoder from the same seed and cells."""
         point = resume_point(Path(out_dir)) if out_dir is not None and resume else None
         if point is not None:
             tensors, meta = load_checkpoint(point, prefixes=("codec.",))
             codec = codec_from_meta(meta, self.cfg.codec, tensors)
-            if codec.kind == self.codec.kind and codec.fitted:
+            if codec.kind == self.codec.kind and codec.fitted and codec.settings() == self.codec.settings():
                 logger.info("latent codec: the autoencoder of the run being resumed (%s)", point.name)
                 self.set_codec(codec)
                 self.summary["codec"] = codec.quality
