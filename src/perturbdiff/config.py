@@ -140,8 +140,10 @@ class CodecConfig:
     auto_zero: bool = True
     # kind = "latent": the autoencoder (genes -> latent_hidden x latent_depth -> latent_dim, and back), fitted for
     # latent_steps steps of latent_batch training cells before the process trains; how decoded cells get their
-    # zeros: "sample" (drawn from the decoder's detection probability), "mean" (p·value, no zeros), "threshold"
-    latent_dim: int = 64
+    # zeros: "sample" (drawn from the decoder's detection probability), "mean" (p·value, no zeros), "threshold".
+    # latent_dim 128: of 32 / 64 / 128, the validation cells read back through the autoencoder kept the response
+    # best on all three shared splits (kang pearson_delta 0.961 / 0.968 / 0.972; docs/BENCHMARKS.md, "Latent")
+    latent_dim: int = 128
     latent_hidden: int = 512
     latent_depth: int = 2
     latent_steps: int = 2000

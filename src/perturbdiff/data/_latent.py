@@ -72,7 +72,7 @@ class LatentCodec:
     in_place: ClassVar[bool] = False  # a latent cell is narrower than its genes: to_model returns a new array
 
     n_genes: int
-    dim: int = 64
+    dim: int = 128
     hidden: int = 512
     depth: int = 2
     steps: int = 2000
