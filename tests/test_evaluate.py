@@ -296,6 +296,7 @@ def test_experiment_card_says_what_was_compared():
                                 control=CTRL, context_col=CTX, baselines=["mean"]))
     assert "a budget of 1500 training steps; the checkpoint used is from step 1200" in card["model"]
     assert "1,234 parameters" in card["model"] and card["sampling"] == "steps 25, guidance 0.0"
+    assert "latent" not in card["model"]  # a run without a latent codec (or from before codecs were recorded)
     assert card["held-out conditions"] == "2 in 2 context(s): c1, c2"
     assert card["DE genes per condition (FDR < 0.05)"] == "real 7; model 18; mean 448"
     assert "``" not in card["baseline mean"] and "pert_mean" in card["baseline mean"]

@@ -4,6 +4,7 @@ through training, save / load / predict, resume, own controls and the refusals."
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import anndata as ad
 import numpy as np
@@ -215,4 +216,5 @@ def test_the_command_line_trains_predicts_and_reports_a_latent_run(tmp_path, cap
     out = capsys.readouterr().out
     assert "codec: latent, 40 genes -> 4 dimensions; held-out reconstruction: cell r" in out
     pred = ad.read_h5ad(tmp_path / "pred.h5ad")
-    assert pred.n_vars == 40 and pred.uns["perturbdiff"]
+    card = json.loads(pred.uns["perturbdiff"]["run"])
+    assert pred.n_vars == 40 and card["codec"] == "latent" and card["latent_dim"] == 4

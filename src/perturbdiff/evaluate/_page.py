@@ -91,7 +91,8 @@ def experiment_card(results: pd.DataFrame, per_condition, model: str | None, pre
     if "run" in entry:
         run = json.loads(entry["run"])
         used = f"; the checkpoint used is from step {run['step']}" if run.get("step") is not None else ""
-        rows.append(("model", f"{model}: {run.get('process')} process, hidden {run.get('hidden')}, depth "
+        space = f" over a {run['latent_dim']}-dimensional latent" if run.get("codec") == "latent" else ""
+        rows.append(("model", f"{model}: {run.get('process')} process{space}, hidden {run.get('hidden')}, depth "
                               f"{run.get('depth')}, set size {run.get('set_size')}, {run.get('parameters'):,} "
                               f"parameters; a budget of {run.get('max_steps')} training steps{used}"))
     if "settings" in entry:

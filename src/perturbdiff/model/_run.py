@@ -136,7 +136,9 @@ class Run:
         state = (getattr(self, "checkpoint_meta", {}) or {}).get("state") or {}
         card = {"kind": self.kind, "process": self.cfg.diffusion.process, "hidden": m.hidden, "depth": m.depth,
                 "set_size": d.set_size, "parameters": int(sum(p.numel() for p in self.network.parameters())),
-                "max_steps": self.cfg.train.max_steps}
+                "max_steps": self.cfg.train.max_steps, "codec": self.codec.kind}
+        if self.codec.kind == "latent":
+            card["latent_dim"] = self.codec.dim
         card.update({k: state[k] for k in ("step", "best_step") if state.get(k) is not None})
         return card
 
