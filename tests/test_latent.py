@@ -10,7 +10,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from perturbdiff import CheckpointError, ConfigError, DataError, PerturbDiff, Pretrained, finetune
 from perturbdiff.config import CodecConfig, Config
@@ -24,7 +23,7 @@ from perturbdiff.data import (
     marginal_source,
 )
 from perturbdiff.train import load_checkpoint
-from test_train import SHIFTED, _interrupt_at, planted_data, tiny_config
+from test_train import SHIFTED, _interrupt_at, assert_same_run, planted_data, tiny_config
 
 AE = {"latent_dim": 8, "latent_hidden": 64, "latent_steps": 300, "latent_batch": 64}
 
@@ -156,10 +155,7 @@ def test_a_latent_run_resumes_exactly_with_its_own_autoencoder(tmp_path, monkeyp
     with monkeypatch.context() as m:  # resuming must not fit another autoencoder
         m.setattr(LatentCodec, "fit", lambda *a, **k: pytest.fail("the autoencoder was fitted again"))
         resumed = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "b", progress=False)
-    la, lb = pd.read_csv(tmp_path / "a" / "log.csv"), pd.read_csv(tmp_path / "b" / "log.csv")
-    np.testing.assert_array_equal(la["loss"].to_numpy(), lb["loss"].to_numpy())
-    for (k, v), w in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
-        assert torch.equal(v, w), k
+    assert_same_run(tmp_path / "a", tmp_path / "b", full, resumed)
 
 
 def test_gene_space_runs_keep_the_scale_codec_and_no_codec_tensors(tmp_path):
@@ -192,7 +188,7 @@ def test_bad_codec_settings_are_named(synthetic_prep):
         Config().update({"codec.zeros": "never"}).validate()
     with pytest.raises(ConfigError, match="codec.latent_dim"):
         Config().update({"codec.latent_dim": 0}).validate()
-    unfitted = LatentCodec(n_genes=synthetic_prep.n_vars)
+    unfitted = LatentCodec.from_config(synthetic_prep.n_vars, CodecConfig(kind="latent"))
     with pytest.raises(CheckpointError, match="not been fitted"):
         unfitted.to_model(synthetic_prep.X[:2].toarray())
     with pytest.raises(DataError, match="needs training cells"):

@@ -101,8 +101,15 @@ def test_resume_gives_the_same_next_steps_as_an_unbroken_run(tmp_path, monkeypat
             PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "b", progress=False)
     assert load_checkpoint(tmp_path / "b" / "last.safetensors")[1]["state"]["step"] == 3
     resumed = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "b", progress=False)
-    la, lb = pd.read_csv(tmp_path / "a" / "log.csv"), pd.read_csv(tmp_path / "b" / "log.csv")
-    assert list(lb["step"]) == [1, 2, 3, 4, 5, 6]
+    assert list(pd.read_csv(tmp_path / "b" / "log.csv")["step"]) == [1, 2, 3, 4, 5, 6]
+    assert_same_run(tmp_path / "a", tmp_path / "b", full, resumed)
+
+
+def assert_same_run(a, b, full: PerturbDiff, resumed: PerturbDiff) -> None:
+    """Run folder ``b`` (interrupted, resumed) logged the same steps and losses as ``a`` (unbroken), and ends with
+    the same weights."""
+    la, lb = pd.read_csv(a / "log.csv"), pd.read_csv(b / "log.csv")
+    assert list(lb["step"]) == list(la["step"])
     np.testing.assert_array_equal(la["loss"].to_numpy(), lb["loss"].to_numpy())
     for (k, v), w in zip(full.network.state_dict().items(), resumed.network.state_dict().values()):
         assert torch.equal(v, w), k

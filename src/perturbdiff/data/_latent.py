@@ -71,15 +71,15 @@ class LatentCodec:
     nonnegative: ClassVar[bool] = False  # latent values are signed; the decoder's softplus keeps genes >= 0
     in_place: ClassVar[bool] = False  # a latent cell is narrower than its genes: to_model returns a new array
 
-    n_genes: int
-    dim: int = 128
-    hidden: int = 512
-    depth: int = 2
-    steps: int = 2000
-    batch: int = 256
-    lr: float = 1e-3
-    zeros: str = "sample"
-    seed: int = 0
+    n_genes: int  # the settings (defaults: config.CodecConfig, the one place they live)
+    dim: int
+    hidden: int
+    depth: int
+    steps: int
+    batch: int
+    lr: float
+    zeros: str
+    seed: int
     bound: float | None = None  # |latent| bound seen on training cells, widened by 50 % (applied to every x̂0)
     quality: dict[str, float] = field(default_factory=dict)
     net: Autoencoder | None = field(default=None, repr=False, compare=False)
