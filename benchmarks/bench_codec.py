@@ -1,15 +1,19 @@
 """Cost of a training step and of a sampled set against the number of genes, for the scale codec (every gene is a
 width of the denoiser) and the latent codec (the denoiser sees D latent dimensions; the genes are met only by the
-autoencoder, fitted once, and by decoding).
+autoencoder, fitted once before training, and by decoding).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_codec.py --genes 500,2000,8000,16000 --out bench_work/codec_cost.json
 
-Each (codec, G) runs in its own subprocess (its peak RSS is its own) on simulated counts (N cells, preprocessed with
-every gene kept), preset small, S = 64, B = 8. A training step is timed end to end (data loading, loss, backward,
-AdamW, EMA) as the difference of two trainings of ``--short`` and ``--long`` steps divided by the step difference,
-so set-up (encoding the cells once included) cancels; the autoencoder is fitted once before, timed on its own (per
-step of 256 cells). Sampling: the time to
-predict ``--cells`` cells of one condition (25 flow steps, decoding included), per set of S cells.
+Simulated counts (N cells, preprocessed with every gene kept), preset small, S = 64, B = 8, one thread. For each G
+one subprocess builds both runs (the latent one with an autoencoder fitted for 50 steps: its cost, not its quality,
+is measured here) and times them interleaved — rounds of (scale, latent), the median over rounds — so the
+ratio of the two is measured under the same load:
+- a training step: ``Trainer.train_step`` (loss, backward, AdamW, EMA) on batches gathered before, plus the gather
+  itself (a CSR gather over G genes for the scale codec, D-wide rows of the cells encoded once for the latent one);
+- a sampled set: the flow's 25 Euler steps for B sets from their control cells, the codec's encoding of those
+  controls and decoding of the result (zeros drawn), per set;
+- one step of the autoencoder's fit (256 cells), which happens ``codec.latent_steps`` times before training.
+Peak memory: a separate subprocess per (codec, G) trains 3 steps and predicts one condition; its ru_maxrss.
 """
 
 from __future__ import annotations
@@ -17,16 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-def measure(codec: str, n_genes: int, n_cells: int, short: int, long: int, cells: int) -> dict:
-    import numpy as np
-
-    from perturbdiff import Config, PerturbDiff
+def _data(n_genes: int, n_cells: int):
     from perturbdiff.data import DataKeys, make_split, preprocess
     from perturbdiff.datasets import simulate
 
@@ -34,61 +36,109 @@ def measure(codec: str, n_genes: int, n_cells: int, short: int, long: int, cells
     keys = DataKeys(pert_key="perturbation", control_value="control", context_keys=("cell_type",),
                     input_kind="counts")
     prep = preprocess(counts, keys, var_names=list(counts.var_names))
-    split = make_split(prep, keys, "held-out-contexts-partial", holdout="CT1", seed=0)
-    cfg = Config.from_preset("small").update({"data": {"set_size": 64, "batch_sets": 8},
-                                              "train": {"val_every": 10**6, "log_every": 10**6},
-                                              "codec": {"kind": codec, "latent_steps": 50}})
-    model, fitted, fit_ms = PerturbDiff.from_config(cfg, prep, split), None, None
-    if codec == "latent":  # fitted once, timed on its own; both trainings below use it
-        t0 = time.perf_counter()
-        fitted = model.codec.fit(prep.X, np.arange(prep.n_obs))
-        fit_ms = 1000 * (time.perf_counter() - t0) / fitted.steps
-    times = {}
-    for steps in (short, long):
-        model = PerturbDiff.from_config(cfg, prep, split)
-        if fitted is not None:
-            model.set_codec(fitted)
-        t0 = time.perf_counter()
-        model.train(max_steps=steps, progress=False, device="cpu")
-        times[steps] = time.perf_counter() - t0
-    step_ms = 1000 * (times[long] - times[short]) / (long - short)
-    cond = split.test[0]
-    model.predict([cond], n_cells=cells, include_controls=False, progress=False)  # warm
-    t0 = time.perf_counter()
-    model.predict([cond], n_cells=cells, include_controls=False, progress=False)
-    sample_ms = 1000 * (time.perf_counter() - t0) / (cells / 64)
-    return {"codec": codec, "genes": n_genes, "cells": n_cells, "step_ms": step_ms, "ae_step_ms": fit_ms,
-            "sample_ms_per_set": sample_ms, "parameters": sum(p.numel() for p in model.network.parameters()),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return prep, make_split(prep, keys, "held-out-contexts-partial", holdout="CT1", seed=0)
+
+
+def _config(codec: str):
+    from perturbdiff import Config
+
+    return Config.from_preset("small").update({"data": {"set_size": 64, "batch_sets": 8},
+                                               "train": {"val_every": 10**6, "log_every": 10**6},
+                                               "codec": {"kind": codec, "latent_steps": 50}})
+
+
+def timing(n_genes: int, n_cells: int, rounds: int, steps: int) -> dict:
+    import numpy as np
+
+    from perturbdiff import PerturbDiff
+    from perturbdiff.data import CellSetDataset, CellSetIndex
+    from perturbdiff.model._generate import generate, plan_sets
+    from perturbdiff.train import run_trainer
+
+    prep, split = _data(n_genes, n_cells)
+    runs, ae_ms = {}, None
+    for codec in ("scale", "latent"):
+        model = PerturbDiff.from_config(_config(codec), prep, split)
+        if not model.codec.fitted:
+            t0 = time.perf_counter()
+            model.set_codec(model.codec.fit(prep.X, np.arange(prep.n_obs)))
+            ae_ms = 1000 * (time.perf_counter() - t0) / model.codec.steps
+        index = CellSetIndex.build(prep, model.keys, split.train)
+        ds = CellSetDataset(prep, index, model.vocab, set_size=64, seed=0, codec=model.codec)
+        trainer = run_trainer(model.network, model.process, ds, model.cfg, meta=model._meta, validate=None,
+                              out_dir=None, device="cpu")
+        cond = [split.test[0]]
+        pool = CellSetIndex.build(prep, model.keys, cond).control_pool(0)
+        plan = plan_sets([8 * 64], 64, 1, 0, [pool])
+        runs[codec] = (model, ds, trainer, plan, model._covariates(prep, cond, plan))
+    times = {c: {"step": [], "gather": [], "sample": []} for c in runs}
+    for _ in range(rounds):
+        for codec, (model, ds, trainer, plan, cov) in runs.items():
+            order = np.arange(len(ds))
+            t0 = time.perf_counter()
+            batches = [ds.__getitems__(order[8 * i:8 * i + 8]).batched for i in range(steps)]
+            times[codec]["gather"].append(1000 * (time.perf_counter() - t0) / steps)
+            it = iter(batches)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(it)
+            times[codec]["step"].append(1000 * (time.perf_counter() - t0) / steps)
+            t0 = time.perf_counter()
+            cells = generate(model, plan, cov, X=prep.X, settings=model.cfg.sample, progress=False, device="cpu")
+            model.codec.from_model(cells.reshape(-1, cells.shape[-1]))
+            times[codec]["sample"].append(1000 * (time.perf_counter() - t0) / len(plan))
+    out = {"genes": n_genes, "ae_step_ms": ae_ms}
+    for codec, t in times.items():
+        out[codec] = {k: statistics.median(v) for k, v in t.items()}
+        out[codec]["parameters"] = sum(p.numel() for p in runs[codec][0].network.parameters())
+    return out
+
+
+def peak(codec: str, n_genes: int, n_cells: int) -> float:
+    from perturbdiff import PerturbDiff
+
+    prep, split = _data(n_genes, n_cells)
+    model = PerturbDiff.from_config(_config(codec), prep, split).train(max_steps=3, progress=False, device="cpu")
+    model.predict([split.test[0]], n_cells=512, include_controls=False, progress=False)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(args: list[str]) -> dict:
+    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--genes", default="500,2000,8000,16000")
-    ap.add_argument("--codecs", default="scale,latent")
-    ap.add_argument("--cells", type=int, default=512, help="cells sampled for the sampling time")
     ap.add_argument("--n-cells", type=int, default=3000, help="simulated cells")
-    ap.add_argument("--short", type=int, default=5)
-    ap.add_argument("--long", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="training steps per round and codec")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # codec:G, run in this process
+    ap.add_argument("--timing", type=int, help=argparse.SUPPRESS)  # G: run the interleaved timing here
+    ap.add_argument("--peak", help=argparse.SUPPRESS)  # codec:G: measure peak memory here
     args = ap.parse_args()
-    if args.one:
-        codec, g = args.one.split(":")
-        print(json.dumps(measure(codec, int(g), args.n_cells, args.short, args.long, args.cells)))
+    if args.timing:
+        print(json.dumps(timing(args.timing, args.n_cells, args.rounds, args.steps)))
+        return
+    if args.peak:
+        codec, g = args.peak.split(":")
+        print(json.dumps({"peak_rss_mb": peak(codec, int(g), args.n_cells)}))
         return
     rows = []
     for g in [int(x) for x in args.genes.split(",")]:
-        for codec in args.codecs.split(","):
-            cmd = [sys.executable, __file__, "--one", f"{codec}:{g}", "--cells", str(args.cells),
-                   "--n-cells", str(args.n_cells), "--short", str(args.short), "--long", str(args.long)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{codec:6s} G={g:6d}: step {r['step_ms']:7.0f} ms, sample {r['sample_ms_per_set']:6.0f} ms/set, "
-                  f"{r['parameters'] / 1e6:5.1f} M parameters, peak {r['peak_rss_mb']:6.0f} MB", flush=True)
-            if args.out:
-                args.out.write_text(json.dumps(rows, indent=1))
+        r = _child(["--timing", str(g), "--n-cells", str(args.n_cells), "--rounds", str(args.rounds),
+                    "--steps", str(args.steps)])
+        for codec in ("scale", "latent"):
+            r[codec]["peak_rss_mb"] = _child(["--peak", f"{codec}:{g}", "--n-cells", str(args.n_cells)])["peak_rss_mb"]
+        rows.append(r)
+        s, la = r["scale"], r["latent"]
+        print(f"G={g:6d}: step scale {s['step'] + s['gather']:6.0f} ms, latent {la['step'] + la['gather']:6.0f} ms "
+              f"(ratio {(la['step'] + la['gather']) / (s['step'] + s['gather']):.2f}); sample per set scale "
+              f"{s['sample']:5.0f} ms, latent {la['sample']:5.0f} ms; autoencoder step {r['ae_step_ms']:5.0f} ms; "
+              f"peak scale {s['peak_rss_mb']:5.0f} MB, latent {la['peak_rss_mb']:5.0f} MB", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
