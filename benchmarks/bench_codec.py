@@ -4,10 +4,10 @@ autoencoder, fitted once before training, and by decoding).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_codec.py --genes 500,2000,8000,16000 --out bench_work/codec_cost.json
 
-Simulated counts (N cells, preprocessed with every gene kept), preset small, S = 64, B = 8, one thread. For each G
-one subprocess builds both runs (the latent one with an autoencoder fitted for 50 steps: its cost, not its quality,
-is measured here) and times them interleaved — rounds of (scale, latent), the median over rounds — so the
-ratio of the two is measured under the same load:
+Simulated counts (N cells, preprocessed with every gene kept), preset small, S = 64, B = 8, one thread. One
+subprocess builds both runs for every G (the latent one with an autoencoder fitted for 50 steps: its cost, not its
+quality, is measured here) and times all of them interleaved — rounds over every (G, codec), the median over rounds
+— so the ratios, across codecs and across gene counts, are measured under the same load:
 - a training step: ``Trainer.train_step`` (loss, backward, AdamW, EMA) on batches gathered before, plus the gather
   itself (a CSR gather over G genes for the scale codec, D-wide rows of the cells encoded once for the latent one);
 - a sampled set: the flow's 25 Euler steps for B sets from their control cells, the codec's encoding of those
@@ -47,7 +47,9 @@ def _config(codec: str):
                                                "codec": {"kind": codec, "latent_steps": 50}})
 
 
-def timing(n_genes: int, n_cells: int, rounds: int, steps: int) -> dict:
+def timing(genes: list[int], n_cells: int, rounds: int, steps: int) -> list[dict]:
+    """Every (G, codec) built first, then timed in rounds over all of them: each median is taken over the same
+    spread of machine load."""
     import numpy as np
 
     from perturbdiff import PerturbDiff
@@ -55,43 +57,47 @@ def timing(n_genes: int, n_cells: int, rounds: int, steps: int) -> dict:
     from perturbdiff.model._generate import generate, plan_sets
     from perturbdiff.train import run_trainer
 
-    prep, split = _data(n_genes, n_cells)
-    runs, ae_ms = {}, None
-    for codec in ("scale", "latent"):
-        model = PerturbDiff.from_config(_config(codec), prep, split)
-        if not model.codec.fitted:
-            t0 = time.perf_counter()
-            model.set_codec(model.codec.fit(prep.X, np.arange(prep.n_obs)))
-            ae_ms = 1000 * (time.perf_counter() - t0) / model.codec.steps
-        index = CellSetIndex.build(prep, model.keys, split.train)
-        ds = CellSetDataset(prep, index, model.vocab, set_size=64, seed=0, codec=model.codec)
-        trainer = run_trainer(model.network, model.process, ds, model.cfg, meta=model._meta, validate=None,
-                              out_dir=None, device="cpu")
-        cond = [split.test[0]]
-        pool = CellSetIndex.build(prep, model.keys, cond).control_pool(0)
-        plan = plan_sets([8 * 64], 64, 1, 0, [pool])
-        runs[codec] = (model, ds, trainer, plan, model._covariates(prep, cond, plan))
-    times = {c: {"step": [], "gather": [], "sample": []} for c in runs}
+    runs, ae_ms = {}, {}
+    for g in genes:
+        prep, split = _data(g, n_cells)
+        for codec in ("scale", "latent"):
+            model = PerturbDiff.from_config(_config(codec), prep, split)
+            if not model.codec.fitted:
+                t0 = time.perf_counter()
+                model.set_codec(model.codec.fit(prep.X, np.arange(prep.n_obs)))
+                ae_ms[g] = 1000 * (time.perf_counter() - t0) / model.codec.steps
+            index = CellSetIndex.build(prep, model.keys, split.train)
+            ds = CellSetDataset(prep, index, model.vocab, set_size=64, seed=0, codec=model.codec)
+            trainer = run_trainer(model.network, model.process, ds, model.cfg, meta=model._meta, validate=None,
+                                  out_dir=None, device="cpu")
+            cond = [split.test[0]]
+            pool = CellSetIndex.build(prep, model.keys, cond).control_pool(0)
+            plan = plan_sets([8 * 64], 64, 1, 0, [pool])
+            runs[g, codec] = (model, ds, trainer, plan, model._covariates(prep, cond, plan), prep)
+    times = {k: {"step": [], "gather": [], "sample": []} for k in runs}
     for _ in range(rounds):
-        for codec, (model, ds, trainer, plan, cov) in runs.items():
+        for key, (model, ds, trainer, plan, cov, prep) in runs.items():
             order = np.arange(len(ds))
             t0 = time.perf_counter()
             batches = [ds.__getitems__(order[8 * i:8 * i + 8]).batched for i in range(steps)]
-            times[codec]["gather"].append(1000 * (time.perf_counter() - t0) / steps)
+            times[key]["gather"].append(1000 * (time.perf_counter() - t0) / steps)
             it = iter(batches)
             t0 = time.perf_counter()
             for _ in range(steps):
                 trainer.train_step(it)
-            times[codec]["step"].append(1000 * (time.perf_counter() - t0) / steps)
+            times[key]["step"].append(1000 * (time.perf_counter() - t0) / steps)
             t0 = time.perf_counter()
             cells = generate(model, plan, cov, X=prep.X, settings=model.cfg.sample, progress=False, device="cpu")
             model.codec.from_model(cells.reshape(-1, cells.shape[-1]))
-            times[codec]["sample"].append(1000 * (time.perf_counter() - t0) / len(plan))
-    out = {"genes": n_genes, "ae_step_ms": ae_ms}
-    for codec, t in times.items():
-        out[codec] = {k: statistics.median(v) for k, v in t.items()}
-        out[codec]["parameters"] = sum(p.numel() for p in runs[codec][0].network.parameters())
-    return out
+            times[key]["sample"].append(1000 * (time.perf_counter() - t0) / len(plan))
+    rows = []
+    for g in genes:
+        row = {"genes": g, "ae_step_ms": ae_ms[g]}
+        for codec in ("scale", "latent"):
+            row[codec] = {k: statistics.median(v) for k, v in times[g, codec].items()}
+            row[codec]["parameters"] = sum(p.numel() for p in runs[g, codec][0].network.parameters())
+        rows.append(row)
+    return rows
 
 
 def peak(codec: str, n_genes: int, n_cells: int) -> float:
@@ -115,23 +121,23 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="training steps per round and codec")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--timing", type=int, help=argparse.SUPPRESS)  # G: run the interleaved timing here
+    ap.add_argument("--timing", help=argparse.SUPPRESS)  # G,G,...: run the interleaved timing here
     ap.add_argument("--peak", help=argparse.SUPPRESS)  # codec:G: measure peak memory here
     args = ap.parse_args()
     if args.timing:
-        print(json.dumps(timing(args.timing, args.n_cells, args.rounds, args.steps)))
+        genes = [int(x) for x in args.timing.split(",")]
+        print(json.dumps(timing(genes, args.n_cells, args.rounds, args.steps)))
         return
     if args.peak:
         codec, g = args.peak.split(":")
         print(json.dumps({"peak_rss_mb": peak(codec, int(g), args.n_cells)}))
         return
-    rows = []
-    for g in [int(x) for x in args.genes.split(",")]:
-        r = _child(["--timing", str(g), "--n-cells", str(args.n_cells), "--rounds", str(args.rounds),
-                    "--steps", str(args.steps)])
+    rows = _child(["--timing", args.genes, "--n-cells", str(args.n_cells), "--rounds", str(args.rounds),
+                   "--steps", str(args.steps)])
+    for r in rows:
+        g = r["genes"]
         for codec in ("scale", "latent"):
             r[codec]["peak_rss_mb"] = _child(["--peak", f"{codec}:{g}", "--n-cells", str(args.n_cells)])["peak_rss_mb"]
-        rows.append(r)
         s, la = r["scale"], r["latent"]
         print(f"G={g:6d}: step scale {s['step'] + s['gather']:6.0f} ms, latent {la['step'] + la['gather']:6.0f} ms "
               f"(ratio {(la['step'] + la['gather']) / (s['step'] + s['gather']):.2f}); sample per set scale "
