@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     speak_on_rank0()
     args.fraction = None
-    cfg = resolve_config(args)
+    cfg = Pretrained.check_config(resolve_config(args))
     names = [n.strip() for n in args.names.split(",")] if args.names else [Path(d).stem for d in args.data]
     if len(names) != len(args.data):
         raise DataError(f"--names gives {len(names)} names for {len(args.data)} data sets")

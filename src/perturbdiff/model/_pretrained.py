@@ -63,6 +63,17 @@ class Pretrained(Run):
 
     kind = PRETRAIN
 
+    @staticmethod
+    def check_config(cfg: Config) -> Config:
+        """``cfg`` if pretraining can use it, else one line naming the setting (checked before any data is read)."""
+        if cfg.diffusion.process == "flow" and cfg.diffusion.flow_source == "control":
+            raise ConfigError("pretraining has no control cells to start a flow from (the control stream is zero): "
+                              "use diffusion.flow_source = 'noise'")
+        if cfg.codec.kind != "scale":
+            raise ConfigError(f"pretraining works in gene space (codec.kind = 'scale'), not {cfg.codec.kind!r}: a "
+                              "latent autoencoder over a pretraining gene vocabulary is not built yet")
+        return cfg
+
     def __init__(self, cfg: Config, network: Denoiser, genes: list[str], datasets: list[dict], vocab: Vocab, codec, *,
                  summary: dict | None = None):
         super().__init__(cfg, network, vocab, codec, summary=summary)
@@ -82,13 +93,7 @@ class Pretrained(Run):
         scales = {s.scale for s in sources}
         if len(scales) > 1:
             raise DataError(f"the data sets were preprocessed with different model scales {sorted(scales)}")
-        cfg = pretrain_config(cfg)
-        if cfg.diffusion.process == "flow" and cfg.diffusion.flow_source == "control":
-            raise ConfigError("pretraining has no control cells to start a flow from (the control stream is zero): "
-                              "use diffusion.flow_source = 'noise'")
-        if cfg.codec.kind != "scale":
-            raise ConfigError(f"pretraining works in gene space (codec.kind = 'scale'), not {cfg.codec.kind!r}: a "
-                              "latent autoencoder over a pretraining gene vocabulary is not built yet")
+        cfg = cls.check_config(pretrain_config(cfg))
         genes = gene_vocabulary([s.genes for s in sources])
         tokens = sorted(set().union(*(set(s.contexts.tolist()) for s in sources)))
         vocab = Vocab(pert=[PAD, "control", UNKNOWN], contexts=[[UNKNOWN, *tokens]], context_keys=["context"])
