@@ -300,3 +300,8 @@ def test_experiment_card_says_what_was_compared():
     assert card["held-out conditions"] == "2 in 2 context(s): c1, c2"
     assert card["DE genes per condition (FDR < 0.05)"] == "real 7; model 18; mean 448"
     assert "``" not in card["baseline mean"] and "pert_mean" in card["baseline mean"]
+    run = json.loads(pred.uns["perturbdiff"]["run"]) | {"codec": "latent", "latent_dim": 128}
+    pred.uns["perturbdiff"]["run"] = json.dumps(run)
+    card = dict(experiment_card(results, {"model": keys}, "model", {"model": pred}, real, pert_col=PERT,
+                                control=CTRL, context_col=CTX, baselines=["mean"]))
+    assert card["model"].startswith("model: flow process over a 128-dimensional latent, hidden 64")
