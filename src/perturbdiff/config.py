@@ -141,8 +141,9 @@ class CodecConfig:
     # kind = "latent": the autoencoder (genes -> latent_hidden x latent_depth -> latent_dim, and back), fitted for
     # latent_steps steps of latent_batch training cells before the process trains; how decoded cells get their
     # zeros: "sample" (drawn from the decoder's detection probability), "mean" (p·value, no zeros), "threshold".
-    # latent_dim 128: of 32 / 64 / 128, the validation cells read back through the autoencoder kept the response
-    # best on all three shared splits (kang pearson_delta 0.961 / 0.968 / 0.972; docs/BENCHMARKS.md, "Latent")
+    # latent_dim 128: of 32 / 64 / 128 the autoencoder kept the validation conditions' response best on all three
+    # shared splits, and the full model scored better on validation at 128 than at 256 (kang val_ed 0.592 vs 0.638,
+    # devel_gbm 0.102 vs 0.133; docs/BENCHMARKS.md, "Latent cell sets")
     latent_dim: int = 128
     latent_hidden: int = 512
     latent_depth: int = 2
