@@ -139,7 +139,9 @@ class LatentCodec:
                 bar.set_postfix(bce=f"{parts['bce']:.3f}", mse=f"{parts['mse']:.3f}", refresh=False)
             net = net.cpu().eval()
             codec = LatentCodec(**self.settings(), net=net)
-            z = codec._encode_raw(X, fit_rows[: 20 * self.batch])
+            sub = fit_rows[: 20 * self.batch]  # encoded while mean / std are still 0 / 1: the raw latent
+            z = np.concatenate([codec.to_model(X[sub[i:i + 4096]].toarray()) for i in range(0, len(sub), 4096)])
+            z = z.astype(np.float64)
             net.mean.copy_(torch.from_numpy(z.mean(0)))
             net.std.copy_(torch.from_numpy(z.std(0) + 1e-6))
             zs = (z - z.mean(0)) / (z.std(0) + 1e-6)
@@ -159,13 +161,6 @@ class LatentCodec:
         if self.net is None:
             raise CheckpointError("the latent codec has not been fitted (train the model first)")
         return self.net
-
-    @torch.no_grad()
-    def _encode_raw(self, X, rows: np.ndarray) -> np.ndarray:
-        net = self._need()
-        parts = [net.encoder(torch.from_numpy(X[rows[i:i + 4096]].toarray().astype(np.float32))).numpy()
-                 for i in range(0, len(rows), 4096)]
-        return np.concatenate(parts).astype(np.float64)
 
     @torch.no_grad()
     def reconstruction(self, x: np.ndarray) -> dict[str, float]:
