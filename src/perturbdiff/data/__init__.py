@@ -31,6 +31,8 @@ _WHERE = {
     "Context": "_split", "pert_parts": "_split",
     "check_obs": "_validate",
     "value_stats": "_validate",
+    "PriorBlock": "_priors", "build_priors": "_priors", "parse_routes": "_priors", "training_shifts": "_priors",
+    "prior_summary": "_priors", "part_routes": "_priors", "PRIOR_ROUTES": "_priors",
 }
 
 __all__ = list(_WHERE)

@@ -187,9 +187,11 @@ def unseen_error(unseen: dict[str, list[str]], conditions: Sequence | None = Non
         what = f"{len(conditions)} condition(s) {cond_labels(conditions)} hold"
     else:
         what = f"{len(unseen)} perturbation(s) {', '.join(unseen)} hold"
-    return DataError(f"{what} perturbation part(s) never seen in training and absent from any embedding table: "
-                     f"{', '.join(parts)}",
-                     python="predict them as the generic perturbation with unknown_perturbations='generic', or "
-                            "give a table (model.pert_embedding)",
-                     cli="predict them as the generic perturbation with --unknown-perturbations generic, or give "
-                         "a table (--set model.pert_embedding=FILE)")
+    return DataError(f"{what} perturbation part(s) never seen in training and covered by no prior or embedding "
+                     f"table: {', '.join(parts)}",
+                     python="train with a prior that covers them (model.pert_prior, e.g. 'knowledge') or a table "
+                            "(model.pert_embedding), or predict them as the generic perturbation with "
+                            "unknown_perturbations='generic'",
+                     cli="train with a prior that covers them (--set model.pert_prior=knowledge) or a table "
+                         "(--set model.pert_embedding=FILE), or predict them as the generic perturbation with "
+                         "--unknown-perturbations generic")

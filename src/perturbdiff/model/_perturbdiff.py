@@ -20,6 +20,7 @@ from perturbdiff.data import (
     CellSetIndex,
     Condition,
     DataKeys,
+    PriorBlock,
     ScaleCodec,
     Split,
     Vocab,
@@ -29,10 +30,16 @@ from perturbdiff.data import (
     codec_from_meta,
     get_record,
     labels,
+    build_priors,
     new_codec,
+    parse_routes,
+    part_routes,
+    pert_parts,
+    prior_summary,
     read_embedding_table,
     row_mean,
     training_mask,
+    training_shifts,
     unseen_error,
 )
 from perturbdiff.diffusion import energy_distance
@@ -78,14 +85,16 @@ class PerturbDiff(Run):
             raise DataError("the AnnData's genes differ from its preprocessing record; re-run preprocess")
         vocab = Vocab.build(adata, keys, split.train)
         seen = vocab.perturbations
-        table = None
-        if cfg.model.pert_embedding:
-            names, mat = read_embedding_table(cfg.model.pert_embedding)
-            vocab.pert += [lab for lab in names if lab not in set(vocab.pert)]  # representable through the table
-            table = torch.from_numpy(align_table(vocab.pert, names, mat))
-            logger.info("perturbation embeddings %s: %d labels, %d of them not seen in training",
-                        cfg.model.pert_embedding, len(names), len(vocab.pert) - vocab.first_label - len(seen))
         train_rows = np.flatnonzero(training_mask(adata, keys, split))
+        blocks = _prior_blocks(cfg, adata, keys, split, train_rows)
+        table = None
+        if blocks:  # each block's labels become representable; its columns are zero where it lacks a label
+            known = set(vocab.pert)
+            vocab.pert += [lab for lab in dict.fromkeys(q for b in blocks for q in b.labels) if lab not in known]
+            table = torch.from_numpy(np.hstack([align_table(vocab.pert, b.labels, b.matrix) for b in blocks]))
+            logger.info("perturbation priors %s: %d labels representable, %d of them not seen in training",
+                        "+".join(b.route for b in blocks), len(vocab.pert) - vocab.first_label,
+                        len(vocab.pert) - vocab.first_label - len(seen))
         # the scale codec is fitted here (a store: chunked); the latent one when training starts
         codec = new_codec(cfg.codec, adata.X, train_rows, scale=record["scale"], seed=cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
@@ -97,7 +106,7 @@ class PerturbDiff(Run):
         _check_test_representable(vocab, split)
         summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
                    "n_val_conditions": len(split.val), "n_test_conditions": len(split.test),
-                   "seen_perturbations": seen}
+                   "seen_perturbations": seen, "prior_blocks": prior_summary(blocks)}
         return cls(cfg, network, vocab, record, codec, split=split, adata=adata, summary=summary)
 
     def _own_meta(self) -> dict[str, Any]:
@@ -248,6 +257,10 @@ class PerturbDiff(Run):
             unseen = self.vocab.unseen_parts([p for _, p in conditions])
             if unseen:
                 raise unseen_error(unseen, [c for c in conditions if c[1] in unseen])
+        routes = self.routes([p for _, p in conditions])
+        for label, how in routes.items():
+            if any(not r.startswith("learned") for r in how.values()):
+                logger.info("perturbation %r: %s", label, "; ".join(f"{q} via {r}" for q, r in how.items()))
         index = CellSetIndex.build(adata, self.keys, conditions)
         pools = [index.control_pool(i) for i in range(len(conditions))]
         counts = cells_to_generate(n_cells, conditions, split=self.split, subset=subset,
@@ -263,8 +276,29 @@ class PerturbDiff(Run):
             pred = with_real_controls(pred, adata, self.keys, {c for c, _ in conditions})
         pred.uns["perturbdiff"] = {**output_uns(self.record, **sampler_settings(settings, n_samples=n_samples,
                                                                                  seed=seed)),
-                                   "run": json.dumps(self.card())}
+                                   "run": json.dumps(self.card()), "routes": json.dumps(routes)}
         return pred
+
+    def routes(self, perturbations: Sequence[str]) -> dict[str, dict[str, str]]:
+        """{label: {part: how the model represents it}}: ``learned`` (seen in training, + the priors that also cover
+        it), a prior route alone (``knowledge``, ``coexpression``, ``table``, ``effects (placed among A, B, C)``), or
+        ``generic`` (no route: the generic perturbation token, only with unknown_perturbations="generic")."""
+        blocks = self.summary.get("prior_blocks") or []
+        table = self.network.cov_encoder.pert_table
+        if not blocks and table is not None:  # a run from before the priors: its table is the user's
+            blocks = [{"route": "table", "columns": int(table.shape[1])}]
+        seen = set(self.summary.get("seen_perturbations", self.vocab.perturbations))
+        where = {p: i for i, p in enumerate(self.vocab.pert)}
+        out = {}
+        for label in dict.fromkeys(map(str, perturbations)):
+            if label == self.vocab.control:
+                continue
+            parts = {}
+            for q in pert_parts(label):
+                row = table[where[q]].detach().cpu().numpy() if table is not None and q in where else None
+                parts[q] = part_routes(q, row, blocks, seen)
+            out[label] = parts
+        return out
 
     def debias(self, pred: AnnData, *, related: Sequence[Condition] | None = None, adata: AnnData | None = None,
                level: float = 0.9, fdr: float = 0.05, lam: float | None = None, min_effect: float = MIN_EFFECT,
@@ -292,6 +326,21 @@ class PerturbDiff(Run):
                 "representable": self.vocab.perturbations, "control": self.vocab.control, "contexts": contexts,
                 "batches": self.vocab.batch[1:], "keys": self.keys.to_dict(), "record": self.record,
                 "split": self.split.summary() if self.split else None}
+
+
+def _prior_blocks(cfg: Config, adata: AnnData, keys: DataKeys, split: Split, train_rows: np.ndarray) -> list:
+    """The configured prior routes' blocks, then the user's table (``model.pert_embedding``) as one more."""
+    blocks = []
+    routes = parse_routes(cfg.model.pert_prior)
+    if routes:
+        shifts, parts_of = training_shifts(adata, keys, split.train)
+        blocks = build_priors(routes, X=adata.X, rows=train_rows, genes=list(adata.var_names), shifts=shifts,
+                              parts_of=parts_of, dim=cfg.model.prior_dim, neighbours=cfg.model.prior_neighbours,
+                              seed=cfg.train.seed)
+    if cfg.model.pert_embedding:
+        names, mat = read_embedding_table(cfg.model.pert_embedding)
+        blocks.append(PriorBlock("table", names, mat))
+    return blocks
 
 
 def _check_gene_selection(record: dict, n_train: int, n_obs: int) -> None:

@@ -44,7 +44,8 @@ class Denoiser(nn.Module):
         self.t_embed = TimestepEmbedder(h)
         self.cov_encoder = CovariateEncoder(
             vocab_sizes, cfg.cov_dim, h, pert_table=pert_table, context_dropout=cfg.context_dropout,
-            pert_dropout=cfg.pert_dropout, batch_dropout=cfg.batch_dropout
+            pert_dropout=cfg.pert_dropout, batch_dropout=cfg.batch_dropout, prior_dropout=cfg.prior_dropout,
+            interaction=cfg.pert_interaction
         )
         self.blocks = nn.ModuleList(TwoStreamBlock(h, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(h, n_genes)
@@ -64,6 +65,9 @@ class Denoiser(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.cov_encoder.null, std=0.02)
+        if self.cov_encoder.pair is not None:  # the combinations' pairwise term starts at zero: the sum of the parts
+            nn.init.zeros_(self.cov_encoder.pair.weight)
+            nn.init.zeros_(self.cov_encoder.pair.bias)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         for block in self.blocks:

@@ -33,9 +33,11 @@ class TimestepEmbedder(nn.Module):
 class CovariateEncoder(nn.Module):
     """CovEncoder: perturbation(+dose), each context column, batch -> cov_dim; concat; Linear-SiLU-Linear.
 
-    Perturbation combinations are the SUM of their parts' embeddings; index 0 is padding (adds nothing).
-    `pert_table` [n_pert, E] is an optional frozen external embedding (zero rows for labels it lacks),
-    projected by a Linear E->cov_dim and added to the learned table. Rows flagged `uncond` get the learned
+    Perturbation combinations are the SUM of their parts' embeddings (index 0 is padding and adds nothing), plus,
+    with ``interaction``, a learned pairwise term ``W·Σ_{i<j} e_i ⊙ e_j`` (order-invariant; zero for a single part;
+    W starts at zero). `pert_table` [n_pert, E] is an optional frozen prior (zero rows for labels it lacks),
+    projected by a Linear E->cov_dim and added to the learned table; in training a part the table covers loses its
+    learned embedding with probability `prior_dropout`, so the projection learns to speak for it alone. Rows flagged `uncond` get the learned
     null vector instead (classifier-free guidance, DiT LabelEmbedder). In training mode each context label is
     replaced by index 0 (``<unknown>``) with probability `context_dropout`, so unseen contexts have a token.
     """
@@ -50,9 +52,12 @@ class CovariateEncoder(nn.Module):
         context_dropout: float = 0.0,
         pert_dropout: float = 0.0,
         batch_dropout: float = 0.0,
+        prior_dropout: float = 0.0,
+        interaction: bool = False,
     ) -> None:
         super().__init__()
         self.pert_dropout, self.batch_dropout = float(pert_dropout), float(batch_dropout)
+        self.prior_dropout = float(prior_dropout)
         contexts = list(vocab_sizes.get("contexts", []))
         self.context_dropout = float(context_dropout)
         self.pert = nn.Embedding(int(vocab_sizes["pert"]), cov_dim)
@@ -67,6 +72,11 @@ class CovariateEncoder(nn.Module):
         else:
             self.pert_table = None
             self.pert_proj = None
+        self.pair: nn.Linear | None = None
+        if interaction:
+            self.pair = nn.Linear(cov_dim, cov_dim)
+            nn.init.zeros_(self.pair.weight)
+            nn.init.zeros_(self.pair.bias)
         width = cov_dim * (2 + len(contexts))
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
         self.null = nn.Parameter(torch.zeros(hidden))
@@ -84,9 +94,17 @@ class CovariateEncoder(nn.Module):
             pert = pert.masked_fill(drop, 2)
         emb = self.pert(pert)  # (B, P, D)
         if self.pert_proj is not None:
-            emb = emb + self.pert_proj(self.pert_table[pert])  # (B, P, D)
-        keep = (pert != 0).to(emb.dtype)[..., None]  # (B, P, 1)
-        return (emb * keep).sum(dim=1)  # (B, D)
+            prior = self.pert_table[pert]  # (B, P, E)
+            if self.training and self.prior_dropout > 0.0:
+                covered = prior.abs().sum(-1) > 0  # (B, P)
+                drop = (torch.rand(pert.shape, device=pert.device) < self.prior_dropout) & covered & (pert > 2)
+                emb = emb.masked_fill(drop[..., None], 0.0)
+            emb = emb + self.pert_proj(prior)  # (B, P, D)
+        emb = emb * (pert != 0).to(emb.dtype)[..., None]  # (B, P, D): padding adds nothing
+        total = emb.sum(dim=1)  # (B, D)
+        if self.pair is not None:  # Σ_{i<j} e_i ⊙ e_j = ((Σ e)² − Σ e²) / 2
+            total = total + self.pair(0.5 * (total * total - (emb * emb).sum(dim=1)))
+        return total
 
     def _drop(self, labels: torch.Tensor, p: float) -> torch.Tensor:
         """In training, replace each label by index 0 (``<unknown>``) with probability ``p``."""

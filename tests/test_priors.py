@@ -1,0 +1,197 @@
+"""Perturbations never seen in training (issue 14): the prior routes, the combination set encoder, the routes a
+prediction reports, and the baselines of that setting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+
+from perturbdiff import ConfigError, DataError, PerturbDiff
+from perturbdiff.baselines import make_baseline
+from perturbdiff.config import Config
+from perturbdiff.data import DataKeys, Split, preprocess
+from perturbdiff.data._priors import (
+    coexpression_block,
+    effects_block,
+    knowledge_block,
+    parse_routes,
+    part_shifts,
+)
+from perturbdiff.nn import CovariateEncoder
+
+N_PROGRAMS, PER_PROGRAM = 4, 8
+KEYS = DataKeys("perturbation", "control", ("cell_type",), "log1p")
+
+
+def program_data(n_per_group: int = 80, seed: int = 0) -> tuple[AnnData, Split]:
+    """Genes g0..g31 in 4 co-expressed programs of 8 (a shared per-cell activity); perturbing gene gX raises its
+    own program's genes by +1.5. Training perturbs 3 genes per program; g1 (program 0) and g9 (program 1) are held
+    out everywhere; two contexts."""
+    rng = np.random.default_rng(seed)
+    G = N_PROGRAMS * PER_PROGRAM
+    program = np.repeat(np.arange(N_PROGRAMS), PER_PROGRAM)
+    trained = [f"g{k * PER_PROGRAM + j}" for k in range(N_PROGRAMS) for j in (2, 3, 4)]
+    labels = ["control", *trained, "g1", "g9"]
+    blocks, obs = [], []
+    for ctx in ("A", "B"):
+        for p in labels:
+            act = rng.gamma(2.0, 0.5, size=(n_per_group, N_PROGRAMS))[:, program]  # (n, G) program activity
+            x = act + rng.gamma(1.0, 0.3, size=(n_per_group, G)) + (0.3 if ctx == "B" else 0.0)
+            if p != "control":
+                x[:, program == program[int(p[1:])]] += 1.5
+            blocks.append(x)
+            obs += [(ctx, p)] * n_per_group
+    adata = AnnData(X=sp.csr_matrix(np.vstack(blocks).astype(np.float32)),
+                    obs=pd.DataFrame(obs, columns=["cell_type", "perturbation"]).astype("category"),
+                    var=pd.DataFrame(index=[f"g{i}" for i in range(G)]))
+    adata.obs.index = adata.obs.index.astype(str)
+    prep = preprocess(adata, KEYS, var_names=list(adata.var_names))
+    split = Split(name="programs", pert_col="perturbation", control="control", context_cols=["cell_type"],
+                  train=[((c,), p) for c in ("A", "B") for p in trained], val=[(("A",), "g9")],
+                  test=[(("B",), "g1")])
+    return prep, split
+
+
+def prior_config(prior: str, **model) -> Config:
+    cfg = Config.from_preset("tiny").update({"data": {"set_size": 16, "batch_sets": 8}})
+    return cfg.update({"model": {"pert_prior": prior, "prior_dim": 8, "prior_neighbours": 5, **model},
+                       "diffusion.process": "flow", "sample.steps": 8,
+                       "train": {"max_steps": 400, "val_every": 200, "log_every": 50, "warmup_steps": 20}})
+
+
+def _response(adata: AnnData, cond) -> np.ndarray:
+    (ctx,), p = cond
+    ctx_rows = (adata.obs["cell_type"] == ctx).to_numpy()
+    pick = ctx_rows & (adata.obs["perturbation"] == p).to_numpy()
+    ctrl = ctx_rows & (adata.obs["perturbation"] == "control").to_numpy()
+    return np.asarray(adata.X[pick].mean(0) - adata.X[ctrl].mean(0)).ravel()
+
+
+@pytest.fixture(scope="module")
+def program_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prior")
+    adata, split = program_data()
+    model = PerturbDiff.from_config(prior_config("coexpression"), adata, split)
+    model.train(out_dir=out, progress=False, device="cpu")
+    return model, adata, split, out
+
+
+# -- the routes ---------------------------------------------------------------------------------------------------
+def test_coexpression_embeds_a_gene_next_to_its_program():
+    adata, split = program_data()
+    block = coexpression_block(adata.X, np.arange(adata.n_obs), list(adata.var_names), dim=6, neighbours=5, seed=0)
+    assert block.labels == list(adata.var_names) and block.matrix.shape == (32, 6)
+    e = block.matrix / np.linalg.norm(block.matrix, axis=1, keepdims=True)
+    sim = e @ e.T
+    program = np.repeat(np.arange(N_PROGRAMS), PER_PROGRAM)
+    same = program[:, None] == program[None, :]
+    off = ~np.eye(32, dtype=bool)
+    assert sim[same & off].mean() > 0.8 and sim[~same].mean() < 0.3, (sim[same & off].mean(), sim[~same].mean())
+
+
+def test_effect_profiles_decompose_combinations_and_place_unseen_parts_among_neighbours():
+    rng = np.random.default_rng(0)
+    u = {q: rng.normal(size=20) for q in "ABC"}
+    shifts = {"A": u["A"], "B": u["B"], "A+C": u["A"] + u["C"]}  # C was only ever seen in a combination
+    parts_of = {"A": ["A"], "B": ["B"], "A+C": ["A", "C"]}
+    parts, prof = part_shifts(shifts, parts_of)
+    assert parts == ["A", "B", "C"]
+    np.testing.assert_allclose(prof[2], u["C"], atol=1e-2)
+    from perturbdiff.data._priors import PriorBlock
+
+    knowledge = PriorBlock("knowledge", ["A", "B", "C", "D", "E"],
+                           np.array([[1, 0], [0, 1], [1, 1], [0.9, 0.1], [-1, -1]], np.float32))
+    block = effects_block(shifts, parts_of, dim=2, neighbours=1, similarity=[knowledge], seed=0)
+    assert block.labels[:3] == ["A", "B", "C"] and block.placed == {"D": ["A"]}  # E: no positive similarity
+    np.testing.assert_allclose(block.matrix[3], block.matrix[0])  # D sits on its one neighbour A
+
+
+def test_the_knowledge_route_reads_the_hpo_annotations_installed_with_the_package():
+    block = knowledge_block(dim=16, seed=0)
+    assert len(block.labels) > 5000 and block.matrix.shape == (len(block.labels), 16)
+    assert {"FOXL2", "CEBPE", "MAPK1", "BPGM"} <= set(block.labels)
+    assert np.isfinite(block.matrix).all()
+
+
+def test_prior_routes_are_checked_in_one_line():
+    assert parse_routes("effects, knowledge") == ["effects", "knowledge"]
+    with pytest.raises(ConfigError, match="unknown route 'genept'"):
+        parse_routes("genept")
+    with pytest.raises(ConfigError, match="model.pert_prior"):
+        Config().update({"model.pert_prior": "coexpression,go"}).validate()
+
+
+# -- the combination set encoder ----------------------------------------------------------------------------------
+def test_combinations_are_order_invariant_and_the_interaction_starts_at_zero():
+    torch.manual_seed(0)
+    enc = CovariateEncoder({"pert": 8, "contexts": [2]}, 6, 12, interaction=True).eval()
+    torch.nn.init.normal_(enc.pair.weight)  # a trained, non-zero pairwise term
+    cov = {"pert": torch.tensor([[3, 4, 5], [5, 3, 4], [4, 5, 3]]), "context": torch.zeros(3, 1, dtype=torch.long),
+           "batch": torch.zeros(3, dtype=torch.long), "dose": torch.zeros(3, dtype=torch.long)}
+    out = enc(cov)
+    torch.testing.assert_close(out[0], out[1])
+    torch.testing.assert_close(out[0], out[2])
+    single = {**cov, "pert": torch.tensor([[3, 0, 0]])}
+    plain = CovariateEncoder({"pert": 8, "contexts": [2]}, 6, 12).eval()
+    plain.load_state_dict({k: v for k, v in enc.state_dict().items() if not k.startswith("pair.")})
+    torch.testing.assert_close(enc(single), plain(single))  # one part: no pairwise term
+    fresh = CovariateEncoder({"pert": 8, "contexts": [2]}, 6, 12, interaction=True)
+    assert not fresh.pair.weight.any() and not fresh.pair.bias.any()
+
+
+# -- a run through the prior -------------------------------------------------------------------------------------
+def test_an_unseen_perturbation_of_a_program_gene_beats_the_mean_over_training_perturbations(program_run):
+    model, adata, split, _ = program_run
+    cond = (("B",), "g1")
+    truth = _response(adata, cond)
+    pred = model.predict([cond], n_cells=200, include_controls=False, progress=False)
+    ctrl = np.asarray(adata.X[((adata.obs["cell_type"] == "B") & (adata.obs["perturbation"] == "control"))
+                              .to_numpy()].mean(0)).ravel()
+    ours = np.asarray(pred.X.mean(0)).ravel() - ctrl
+    mean = make_baseline("train_mean").fit(adata, split, KEYS).predict([cond], [200], seed=0)
+    base = np.asarray(mean.X.mean(0)).ravel() - ctrl
+    err_ours, err_mean = np.abs(ours - truth).mean(), np.abs(base - truth).mean()
+    assert err_ours < 0.7 * err_mean, (err_ours, err_mean)
+    program0 = slice(0, PER_PROGRAM)
+    assert ours[program0].mean() > 2 * np.delete(ours, np.r_[program0]).mean()  # its own program moves
+
+
+def test_the_route_is_reported_recorded_and_reloaded(program_run, tmp_path):
+    model, adata, split, out = program_run
+    pred = model.predict([(("B",), "g1"), (("B",), "g2")], n_cells=4, include_controls=False, progress=False)
+    import json
+
+    routes = json.loads(pred.uns["perturbdiff"]["routes"])
+    assert routes == {"g1": {"g1": "coexpression"}, "g2": {"g2": "learned + coexpression"}}
+    loaded = PerturbDiff.load(out, adata=adata)
+    assert loaded.routes(["g1+g2"]) == {"g1+g2": {"g1": "coexpression", "g2": "learned + coexpression"}}
+    assert loaded.summary["prior_blocks"][0]["route"] == "coexpression"
+    torch.testing.assert_close(loaded.network.cov_encoder.pert_table, model.network.cov_encoder.pert_table)
+
+
+def test_a_label_no_route_represents_fails_in_one_line(program_run):
+    model, *_ = program_run
+    with pytest.raises(DataError, match=r"covered by no prior or embedding table: NOTAGENE; train with a prior"):
+        model.predict([(("B",), "NOTAGENE")], n_cells=4, progress=False)
+    generic = model.routes(["NOTAGENE+g1"])
+    assert generic == {"NOTAGENE+g1": {"NOTAGENE": "generic", "g1": "coexpression"}}
+
+
+# -- baselines of the unseen setting ------------------------------------------------------------------------------
+def test_the_mean_over_training_perturbations_and_the_knn_baseline():
+    adata, split = program_data(n_per_group=40)
+    cond = (("B",), "g1")
+    truth = _response(adata, cond)
+    mean = make_baseline("train_mean").fit(adata, split, KEYS)
+    expected = np.mean([_response(adata, c) for c in split.train if c[0] == ("B",)], axis=0)
+    np.testing.assert_allclose(mean.delta(*cond), expected, atol=1e-5)
+    block = coexpression_block(adata.X, np.arange(adata.n_obs), list(adata.var_names), dim=6, neighbours=5, seed=0)
+    knn = make_baseline("knn", table=(block.labels, block.matrix), k=3).fit(adata, split, KEYS)
+    assert set(knn.neighbours("g1")) == {"g2", "g3", "g4"}  # its program's trained genes
+    assert np.abs(knn.delta(*cond) - truth).mean() < 0.5 * np.abs(mean.delta(*cond) - truth).mean()
+    with pytest.raises(DataError, match="NOTAGENE"):
+        knn.predict([(("B",), "NOTAGENE")], [5])
