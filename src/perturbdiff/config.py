@@ -77,7 +77,7 @@ class ModelConfig:
     # share of training sets in which a seen part that a prior (or table) covers loses its learned embedding, so the
     # network learns to read the prior alone, as it must for an unseen part
     prior_dropout: float = 0.5
-    pert_interaction: bool = False  # a learned pairwise term over a combination's parts (order-invariant), zero at start
+    pert_interaction: bool = False  # a learned pairwise term over a combination's parts (order-invariant), 0 at start
 
 
 @dataclass

@@ -37,9 +37,10 @@ class CovariateEncoder(nn.Module):
     with ``interaction``, a learned pairwise term ``W·Σ_{i<j} e_i ⊙ e_j`` (order-invariant; zero for a single part;
     W starts at zero). `pert_table` [n_pert, E] is an optional frozen prior (zero rows for labels it lacks),
     projected by a Linear E->cov_dim and added to the learned table; in training a part the table covers loses its
-    learned embedding with probability `prior_dropout`, so the projection learns to speak for it alone. Rows flagged `uncond` get the learned
-    null vector instead (classifier-free guidance, DiT LabelEmbedder). In training mode each context label is
-    replaced by index 0 (``<unknown>``) with probability `context_dropout`, so unseen contexts have a token.
+    learned embedding with probability `prior_dropout`, so the projection learns to speak for it alone. Rows flagged
+    `uncond` get the learned null vector instead (classifier-free guidance, DiT LabelEmbedder). In training mode each
+    context label is replaced by index 0 (``<unknown>``) with probability `context_dropout`, so unseen contexts have
+    a token.
     """
 
     def __init__(
