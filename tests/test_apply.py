@@ -227,8 +227,8 @@ def test_doses_are_required_known_and_written(tmp_path):
     kw = {"context_keys": "donor_type", "input_kind": "counts", **FAST}
     with pytest.raises(DataError, match="'dose'"):
         model.predict_for_controls(user_controls({"C": 16}), ["UP"], **kw)
-    with pytest.raises(DataError, match="'5'"):
-        model.predict_for_controls(user_controls({"C": 16}), ["UP"], doses=["5"], **kw)
+    with pytest.raises(DataError, match="'high'.*a number >= 0 or one of 0, 1, 10"):
+        model.predict_for_controls(user_controls({"C": 16}), ["UP"], doses=["high"], **kw)
     pred = model.predict_for_controls(user_controls({"C": 16}), ["UP"], doses=["1", "10"], **kw)
     p = pred.obs[pred.obs["predicted"]]
     assert p.groupby("dose", observed=True).size().to_dict() == {"1": 16, "10": 16}

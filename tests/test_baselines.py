@@ -60,10 +60,12 @@ def assert_cells_around(pred: AnnData, mean: np.ndarray, rows: slice = slice(Non
 
 
 def test_registry_and_output_layout():
-    assert set(BASELINES) == {"control", "mean", "additive", "linear"}
+    assert set(BASELINES) == {"control", "mean", "additive", "linear", "train_mean", "knn"}
     data = planted()
+    table = {"knn": {"table": (["A", "B"], np.eye(2))}}
     for name, cls in BASELINES.items():
-        pred = cls().fit(data, make_split(), KEYS).predict([(("c3",), "A"), ("c1", "B")], [3, 5], seed=1)
+        model = cls(**table.get(name, {})).fit(data, make_split(), KEYS)
+        pred = model.predict([(("c3",), "A"), ("c1", "B")], [3, 5], seed=1)
         assert pred.n_obs == 8, name
         assert list(pred.var_names) == list(data.var_names)
         assert pred.X.dtype == np.float32 and (np.asarray(pred.X) >= 0).all()

@@ -195,3 +195,72 @@ def test_the_mean_over_training_perturbations_and_the_knn_baseline():
     assert np.abs(knn.delta(*cond) - truth).mean() < 0.5 * np.abs(mean.delta(*cond) - truth).mean()
     with pytest.raises(DataError, match="NOTAGENE"):
         knn.predict([(("B",), "NOTAGENE")], [5])
+
+
+# -- doses ----------------------------------------------------------------------------------------------------------
+def dose_data(n_per_group: int = 60, seed: int = 0) -> tuple[AnnData, Split, DataKeys]:
+    """Perturbation UP raises genes 0-7 by 0.4·ln(1 + dose) in two contexts; trained at doses 1, 10 and 1000 in A
+    and B; the test condition B/UP was measured at 10 (a quarter of its cells) and 1000."""
+    rng = np.random.default_rng(seed)
+    rows, obs = [], []
+    for ctx in ("A", "B"):
+        for p, doses in (("control", ["0"]), ("UP", ["1", "10", "1000"])):
+            for d in doses:
+                n = n_per_group // 4 if (ctx, d) == ("B", "10") else n_per_group
+                x = rng.gamma(2.0, 0.4, size=(n, 24)) + (0.3 if ctx == "B" else 0.0)
+                x[:, :8] += 0.4 * np.log1p(float(d))
+                rows.append(x)
+                obs += [(ctx, p, d)] * n
+    keys = DataKeys("perturbation", "control", ("cell_type",), "log1p", dose_key="dose")
+    adata = AnnData(X=sp.csr_matrix(np.vstack(rows).astype(np.float32)),
+                    obs=pd.DataFrame(obs, columns=["cell_type", "perturbation", "dose"]).astype("category"),
+                    var=pd.DataFrame(index=[f"g{i}" for i in range(24)]))
+    adata.obs.index = adata.obs.index.astype(str)
+    prep = preprocess(adata, keys, var_names=list(adata.var_names))
+    split = Split(name="doses", pert_col="perturbation", control="control", context_cols=["cell_type"],
+                  train=[(("A",), "UP")], val=[], test=[(("B",), "UP")])
+    return prep, split, keys
+
+
+@pytest.fixture(scope="module")
+def dose_run():
+    adata, split, keys = dose_data()
+    cfg = prior_config("").update({"train.val_every": 400})
+    return PerturbDiff.from_config(cfg, adata, split).train(progress=False, device="cpu"), adata, split
+
+
+def _shift_at(model, adata, dose: str) -> float:
+    pred = model.predict([(("A",), "UP")], n_cells=300, include_controls=False, progress=False, doses=[dose])
+    ctrl = adata.X[((adata.obs["cell_type"] == "A") & (adata.obs["perturbation"] == "control")).to_numpy()]
+    return float(np.asarray(pred.X[:, :8].mean(0) - ctrl[:, :8].mean(0)).mean())
+
+
+def test_a_dose_never_seen_is_placed_between_the_seen_ones(dose_run):
+    model, adata, _ = dose_run
+    assert model.network.cov_encoder.dose_mlp is not None
+    low, mid, high = (_shift_at(model, adata, d) for d in ("10", "100", "1000"))
+    truth = 0.4 * np.log1p(100.0)  # 1.85; the seen neighbours' truths are 0.96 and 2.76
+    assert low < mid < high, (low, mid, high)
+    assert abs(mid - truth) < 0.45, (mid, truth)
+
+
+def test_split_predict_generates_each_condition_at_its_measured_doses(dose_run):
+    model, adata, split = dose_run
+    pred = model.predict(progress=False, include_controls=True)
+    cells = pred.obs[pred.obs["predicted"]]
+    real = adata.obs[(adata.obs["cell_type"] == "B") & (adata.obs["perturbation"] == "UP")]
+    assert cells["dose"].astype(str).value_counts().to_dict() == real["dose"].astype(str).value_counts().to_dict()
+    ctrl = pred.obs[~pred.obs["predicted"]]
+    assert set(ctrl["dose"].astype(str)) == {"0"}  # the real controls keep their dose
+    by_dose = {d: float(pred.X[(pred.obs["predicted"] & (pred.obs["dose"] == d)).to_numpy(), :8].mean())
+               for d in ("10", "1000")}
+    assert by_dose["1000"] > by_dose["10"] + 0.8, by_dose  # not one dose for all: the truth differs by 1.8
+
+
+def test_token_only_doses_refuse_a_dose_never_seen():
+    adata, split, _ = dose_data(n_per_group=16)
+    cfg = prior_config("", continuous_dose=False).update({"train": {"max_steps": 2, "val_every": 2}})
+    model = PerturbDiff.from_config(cfg, adata, split).train(progress=False, device="cpu")
+    assert model.network.cov_encoder.dose_mlp is None
+    with pytest.raises(DataError, match="'100' was not seen in training .*tokens only"):
+        model.predict([(("A",), "UP")], n_cells=4, progress=False, doses=["100"])

@@ -33,7 +33,7 @@ from perturbdiff._errors import ConfigError
 
 DEFAULT_PRESET = "small"  # what the command line trains when no preset is named
 #: keys added after runs were already written, with the value every run written before them used
-INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0}
+INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -78,6 +78,9 @@ class ModelConfig:
     # network learns to read the prior alone, as it must for an unseen part
     prior_dropout: float = 0.5
     pert_interaction: bool = False  # a learned pairwise term over a combination's parts (order-invariant), 0 at start
+    # numeric doses also through log1p(dose) -> a small MLP next to the learned dose token, so a dose never seen in
+    # training is placed between seen ones (a run's doses must all parse as numbers; otherwise tokens only)
+    continuous_dose: bool = True
 
 
 @dataclass

@@ -27,10 +27,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"genes: {info['n_genes']} ({', '.join(info['genes'][:5])}, ...)")
     seen, table = info["perturbations"], info["via_embedding_table"]
     print(f"perturbations seen in training ({len(seen)}): {', '.join(seen)}")
+    blocks = info["summary"].get("prior_blocks") or []
+    routes = "+".join(b["route"] for b in blocks) or "the embedding table"
     where = f" ({info['embedding_table']})" if info["embedding_table"] else ""
     shown = ": " + ", ".join(table[:20]) + (", ..." if len(table) > 20 else "") if table else ""
-    print(f"representable: the {len(seen)} seen, {len(table)} more through the embedding table{where}{shown}; "
+    print(f"representable: the {len(seen)} seen, {len(table)} more through {routes}{where}{shown}; "
           "combinations A+B of representable parts; anything else is refused by predict")
+    for b in blocks:
+        placed = f", {len(b['placed'])} placed among seen neighbours" if b.get("placed") else ""
+        print(f"  prior {b['route']}: {b['n_labels']} labels, {b['columns']} dimensions{placed}")
     print(f"control value: {info['control']}")
     for col, vals in info["contexts"].items():
         print(f"context {col!r} ({len(vals)}): {', '.join(vals)}")
@@ -39,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"preprocessing: input {rec.get('input_kind')}, normalize {rec.get('normalize')}, "
           f"log1p {rec.get('log1p')}, scale {rec.get('scale')}, genes by {rec.get('gene_selection', {})}")
     print(f"split: {info['split']}")
-    print(f"training data: {json.dumps({k: v for k, v in info['summary'].items() if k != 'codec'})}")
+    shown = {k: v for k, v in info["summary"].items() if k not in ("codec", "prior_blocks")}
+    print(f"training data: {json.dumps(shown)}")
     codec = info.get("codec") or {}
     if codec.get("kind") == "latent":
         q = codec.get("quality") or {}
@@ -55,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def perturbation_coverage(info: dict, table: str) -> dict:
-    """Perturbation parts representable only through the frozen embedding table (not seen in training)."""
+    """Perturbation parts representable only through a prior or the frozen embedding table (not seen in
+    training)."""
     seen = set(info.get("perturbations", []))
     extra = [p for p in info.get("representable", []) if p not in seen]
     return {"via_embedding_table": extra, "embedding_table": table or ""}

@@ -9,8 +9,7 @@ from pathlib import Path
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff.cli import threads_argument
 
-CONTROLS_ONLY = ("perturbations", "context_keys", "input_kind", "pseudobulk", "doses",
-                 "batch_key", "reference")
+CONTROLS_ONLY = ("perturbations", "context_keys", "input_kind", "pseudobulk", "batch_key", "reference")
 DATA_ONLY = ("split", "subset", "debias")
 
 
@@ -29,7 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     own.add_argument("--input-kind", choices=["counts", "log1p"], help="what X of --controls holds; never guessed")
     own.add_argument("--pseudobulk", action="store_true",
                      help="write one mean row per (context, perturbation, sample) instead of cells")
-    own.add_argument("--doses", metavar="D1,D2", help="doses to predict at (runs trained with a dose key)")
+    p.add_argument("--doses", metavar="D1,D2",
+                   help="doses to predict at (runs trained with a dose key): known ones, or any number when the run "
+                        "encodes doses continuously; split mode without it: each condition's measured doses")
     own.add_argument("--batch-key", help="your obs column holding batch values of the run's batch vocabulary")
     own.add_argument("--reference", metavar="TRAIN.h5ad",
                      help="the run's preprocessed training data: the collapse check compares against its shifts")
@@ -171,7 +172,7 @@ def _predict_split(args: argparse.Namespace):
     pred = model.predict(subset=args.subset or "test", n_cells=args.n_cells, n_samples=args.n_samples,
                          guidance=args.guidance, steps=args.steps, start=args.start, solver=args.solver,
                          seed=args.seed, include_controls=not args.no_controls, progress=not args.no_progress,
-                         device=args.device,
+                         device=args.device, doses=parse_list(args.doses, "--doses") if args.doses else None,
                          missing_genes=args.missing_genes, unknown_perturbations=args.unknown_perturbations)
     bulk = (model.debias(pred, level=args.level, fdr=args.fdr, min_effect=args.min_effect,
                          progress=not args.no_progress, device=args.device) if args.debias else None)

@@ -27,7 +27,7 @@ _WHERE = {
     "MarginalSetDataset": "_marginal", "gene_vocabulary": "_marginal", "gene_masks": "_marginal",
     "CONTEXT_SEP": "_marginal",
     "register": "_validate",
-    "Covariates": "_vocab", "Vocab": "_vocab",
+    "Covariates": "_vocab", "Vocab": "_vocab", "dose_number": "_vocab",
     "Context": "_split", "pert_parts": "_split",
     "check_obs": "_validate",
     "value_stats": "_validate",

@@ -98,6 +98,14 @@ class Vocab:
             context_keys=[str(x) for x in d.get("context_keys", [])],
         )
 
+    def dose_numbers(self) -> list[float] | None:
+        """log1p of each dose label's number (NaN for <none>), or None unless every real dose label is a number >= 0
+        (the continuous dose encoding's inputs)."""
+        values = [dose_number(d) for d in self.dose[1:]]
+        if not values or any(v is None for v in values):
+            return None
+        return [float("nan"), *values]
+
     # -- encoding ----------------------------------------------------------------------------------------
     @property
     def perturbations(self) -> list[str]:
@@ -178,6 +186,15 @@ class Vocab:
 
 
 _GENERIC_TOLD: set[str] = set()
+
+
+def dose_number(label) -> float | None:
+    """log1p of a dose label read as a number >= 0 (``"10"``, ``"0.5"``), else None."""
+    try:
+        v = float(str(label))
+    except ValueError:
+        return None
+    return float(np.log1p(v)) if np.isfinite(v) and v >= 0 else None
 
 
 def unseen_error(unseen: dict[str, list[str]], conditions: Sequence | None = None) -> DataError:

@@ -18,7 +18,7 @@ from perturbdiff._errors import DataError
 from perturbdiff._logging import logger
 from perturbdiff.data import UNKNOWN, Context, apply_record, get_record, obs_codes
 from perturbdiff.evaluate import collapse_diagnostic, pseudobulk_of
-from perturbdiff.model._generate import cells_to_generate, check_counts
+from perturbdiff.model._generate import cells_to_generate, check_counts, check_doses
 from perturbdiff.model._output import append_controls, assemble, output_uns, sampler_settings
 
 RESERVED = ("sample", "predicted", "n_cells")
@@ -43,7 +43,7 @@ def predict_for_controls(model, controls: AnnData, perturbations: Sequence[str],
     """
     perts = _check_perturbations(model, perturbations, unknown_perturbations)  # unknown: refused before any compute
     check_counts(n_samples=n_samples, n_cells=n_cells)
-    dose_list = _check_doses(model, doses)
+    dose_list = check_doses(model, doses)
     user_keys = _check_columns(model, controls, context_keys, batch_key)
     prepared = apply_record(controls, model.record, input_kind=input_kind, missing_genes=missing_genes)
     contexts, pools = _context_pools(prepared.obs, user_keys)
@@ -90,23 +90,6 @@ def _check_perturbations(model, perturbations: Sequence[str], unknown: str = "er
         raise DataError("no perturbations requested")
     model.vocab.encode_pert(labels, unknown)
     return labels
-
-
-def _check_doses(model, doses: Sequence[str] | None) -> list[str | None]:
-    """The doses to generate at: required (and known) for a run with a dose key, refused otherwise."""
-    key = model.keys.dose_key
-    doses = [str(d) for d in doses] if doses is not None else []
-    if key is None:
-        if doses:
-            raise DataError(f"doses {doses} were given but the run has no dose key")
-        return [None]
-    known = model.vocab.dose[1:]
-    if not doses:
-        raise DataError(f"the run was trained with doses (column {key!r}): pass doses, e.g. {', '.join(known[:5])}")
-    bad = [d for d in doses if d not in known]
-    if bad:
-        raise DataError(f"dose {bad[0]!r} was not seen in training (column {key!r}); known: {', '.join(known)}")
-    return list(dict.fromkeys(doses))
 
 
 def _check_columns(model, controls: AnnData, context_keys, batch_key: str | None) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._threads import auto_active, calibrate
 from perturbdiff.config import Config, SampleConfig
-from perturbdiff.data import Split, draw_positions, row_reader
+from perturbdiff.data import Split, dose_number, draw_positions, row_reader
 
 
 def default_device() -> torch.device:
@@ -129,6 +129,49 @@ def check_counts(*, n_samples: int = 1, n_cells=None) -> None:
         bad = [n for n in values if int(n) < 1]
         if bad:
             raise ConfigError(f"n_cells must be at least 1, got {bad[0]}")
+
+
+def check_doses(model, doses: Sequence[str] | None, *, required: bool = True) -> list[str | None]:
+    """The doses to generate at: for a run with a dose key, known ones, or numbers when the run encodes doses
+    continuously (placed between the seen ones); required unless ``required=False`` (then [] means "the measured
+    cells' doses"); refused for a run without a dose key."""
+    key = model.keys.dose_key
+    doses = [str(d) for d in doses] if doses is not None else []
+    if key is None:
+        if doses:
+            raise DataError(f"doses {doses} were given but the run has no dose key")
+        return [None]
+    known = model.vocab.dose[1:]
+    if not doses and required:
+        raise DataError(f"the run was trained with doses (column {key!r}): pass doses, e.g. {', '.join(known[:5])}")
+    continuous = model.network.cov_encoder.dose_mlp is not None
+    bad = [d for d in doses if d not in known and not (continuous and dose_number(d) is not None)]
+    if bad:
+        how = "a number >= 0 or one of" if continuous else "the run encodes doses as tokens only; known:"
+        raise DataError(f"dose {bad[0]!r} was not seen in training (column {key!r}); give {how} {', '.join(known)}")
+    return list(dict.fromkeys(doses))
+
+
+def dose_units(counts: Sequence[int], doses: Sequence[str | None], measured: Sequence[dict[str, int]],
+               labels: Sequence[str]) -> list[tuple[int, str, int]]:
+    """(condition index, dose, cells) units: every condition at each of ``doses`` with its count, or, when no doses
+    are given, at its measured cells' doses (``measured[i]``: dose -> cells) with its count split in their
+    proportions (largest remainders, at least one cell each); a condition with neither is refused by name."""
+    if doses:
+        return [(i, d, int(n)) for i, n in enumerate(counts) for d in doses]
+    missing = [lab for lab, m in zip(labels, measured) if not m]
+    if missing:
+        raise DataError(f"condition(s) {', '.join(missing[:5])} have no measured cells to take doses from: pass "
+                        "doses")
+    units = []
+    for i, (n, m) in enumerate(zip(counts, measured)):
+        names, w = list(m), np.asarray(list(m.values()), np.float64)
+        share = n * w / w.sum()
+        take = np.maximum(np.floor(share).astype(np.int64), 1)
+        for j in np.argsort(-(share - np.floor(share)))[: max(0, n - int(take.sum()))]:
+            take[j] += 1
+        units += [(i, d, int(t)) for d, t in zip(names, take)]
+    return units
 
 
 def majority(codes: np.ndarray) -> np.ndarray:

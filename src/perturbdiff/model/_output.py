@@ -48,6 +48,8 @@ def with_real_controls(pred: AnnData, adata: AnnData, keys, contexts: set[tuple[
     want = [i for i, (ctx, p) in enumerate(present) if p == keys.control_value and ctx in contexts]
     rows = np.flatnonzero(np.isin(code, want))
     cols = [keys.pert_key, *keys.context_keys]
+    if keys.dose_key is not None and keys.dose_key in adata.obs and keys.dose_key in pred.obs:
+        cols.append(keys.dose_key)
     obs = adata.obs.iloc[rows][cols].astype(str)
     obs.index = [f"ctrl_{i}" for i in range(len(rows))]
     return append_controls(pred, adata.X[rows], obs, cols)

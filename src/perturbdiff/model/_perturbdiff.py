@@ -29,7 +29,9 @@ from perturbdiff.data import (
     as_csr,
     build_priors,
     codec_from_meta,
+    dose_number,
     get_record,
+    label,
     labels,
     new_codec,
     parse_routes,
@@ -48,6 +50,8 @@ from perturbdiff.model._debias import MIN_EFFECT, debias
 from perturbdiff.model._generate import (
     cells_to_generate,
     check_counts,
+    check_doses,
+    dose_units,
     generate,
     majority,
     per_condition,
@@ -218,9 +222,12 @@ class PerturbDiff(Run):
         cv = self.vocab.encode([conds[i] for i in plan.cond], batch_values, None, unknown="unknown",
                                unknown_pert=unknown_pert)
         cov = {"pert": cv.pert, "context": cv.context, "batch": cv.batch, "dose": cv.dose}
-        if doses is not None:
+        if doses is not None:  # a dose never seen: token 0 and, with the continuous encoding, its own number
             index = {d: i for i, d in enumerate(self.vocab.dose)}
-            cov["dose"] = np.asarray([index[doses[i]] for i in plan.cond.tolist()], np.int64)
+            cov["dose"] = np.asarray([index.get(doses[i], 0) for i in plan.cond.tolist()], np.int64)
+            if self.network.cov_encoder.dose_mlp is not None:
+                number = [dose_number(doses[i]) for i in plan.cond.tolist()]
+                cov["dose_value"] = np.asarray([np.nan if v is None else v for v in number], np.float32)
         return cov
 
     def sample_settings(self, *, guidance: float | None = None, steps: int | None = None, start: str | None = None,
@@ -233,18 +240,21 @@ class PerturbDiff(Run):
                 guidance: float | None = None, steps: int | None = None, start: str | None = None,
                 solver: str | None = None, seed: int = 0, include_controls: bool = True, progress: bool = True,
                 device: str | torch.device | None = None, unknown_perturbations: str = "error",
-                missing_genes: str = "error") -> AnnData:
+                missing_genes: str = "error", doses: Sequence[str] | None = None) -> AnnData:
         """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout.
 
         A perturbation part never seen in training (and absent from the embedding table) is an error naming it;
         ``unknown_perturbations="generic"`` instead predicts it as the generic perturbation token (logged).
         ``adata``'s genes are matched to the run's by name; genes it lacks are an error naming them, or zeros with
-        ``missing_genes="zero"`` (warned about when more than a few).
+        ``missing_genes="zero"`` (warned about when more than a few). A run with a dose key generates each condition
+        at its measured cells' doses (its cells split in their proportions), or at every one of ``doses`` (known
+        doses, or any number with the continuous dose encoding); the dose column is written.
         """
         adata = adata if adata is not None else self.adata
         if adata is None:
             raise DataError("predict needs an AnnData with control cells (pass adata=)")
         check_counts(n_samples=n_samples, n_cells=n_cells)
+        dose_list = [d for d in check_doses(self, doses, required=False) if d is not None]
         adata = align_genes(adata, self.genes, missing_genes=missing_genes)
         if conditions is None:
             if self.split is None:
@@ -258,20 +268,32 @@ class PerturbDiff(Run):
             if unseen:
                 raise unseen_error(unseen, [c for c in conditions if c[1] in unseen])
         routes = self.routes([p for _, p in conditions])
-        for label, how in routes.items():
+        for pert, how in routes.items():
             if any(not r.startswith("learned") for r in how.values()):
-                logger.info("perturbation %r: %s", label, "; ".join(f"{q} via {r}" for q, r in how.items()))
+                logger.info("perturbation %r: %s", pert, "; ".join(f"{q} via {r}" for q, r in how.items()))
         index = CellSetIndex.build(adata, self.keys, conditions)
         pools = [index.control_pool(i) for i in range(len(conditions))]
         counts = cells_to_generate(n_cells, conditions, split=self.split, subset=subset,
                                    observed=[len(g) or len(p) for g, p in zip(index.groups, pools)])
         settings = self.sample_settings(guidance=guidance, steps=steps, start=start, solver=solver)
+        unit_doses = None
+        if self.keys.dose_key is not None:  # one unit per (condition, dose)
+            key = self.keys.dose_key
+            measured = [adata.obs[key].iloc[g].astype(str).value_counts().to_dict() if key in adata.obs and len(g)
+                        else {} for g in index.groups]
+            units = dose_units(counts, dose_list, measured, [label(c) for c in conditions])
+            conditions = [conditions[i] for i, _, _ in units]
+            pools, counts = [pools[i] for i, _, _ in units], [n for _, _, n in units]
+            unit_doses = [d for _, d, _ in units]
         parts = self._cells(adata, conditions, pools, counts, settings=settings, n_samples=n_samples, seed=seed,
-                            progress=progress, device=device, unknown_pert=unknown_perturbations)
+                            progress=progress, device=device, unknown_pert=unknown_perturbations, doses=unit_doses)
         n = len(conditions)
         pred = assemble([(j % n, j // n, self.codec.from_model(c, seed=(seed, j))) for j, c in enumerate(parts)],
                         conditions,
                         self.genes, self.keys.pert_key, self.keys.context_keys)
+        if unit_doses is not None:
+            pred.obs[self.keys.dose_key] = np.concatenate([np.full(len(c), unit_doses[j % n], dtype=object)
+                                                           for j, c in enumerate(parts)])
         if include_controls:
             pred = with_real_controls(pred, adata, self.keys, {c for c, _ in conditions})
         pred.uns["perturbdiff"] = {**output_uns(self.record, **sampler_settings(settings, n_samples=n_samples,
@@ -290,14 +312,14 @@ class PerturbDiff(Run):
         seen = set(self.summary.get("seen_perturbations", self.vocab.perturbations))
         where = {p: i for i, p in enumerate(self.vocab.pert)}
         out = {}
-        for label in dict.fromkeys(map(str, perturbations)):
-            if label == self.vocab.control:
+        for pert in dict.fromkeys(map(str, perturbations)):
+            if pert == self.vocab.control:
                 continue
             parts = {}
-            for q in pert_parts(label):
+            for q in pert_parts(pert):
                 row = table[where[q]].detach().cpu().numpy() if table is not None and q in where else None
                 parts[q] = part_routes(q, row, blocks, seen)
-            out[label] = parts
+            out[pert] = parts
         return out
 
     def debias(self, pred: AnnData, *, related: Sequence[Condition] | None = None, adata: AnnData | None = None,

@@ -158,7 +158,8 @@ WRONG_KIND = {
 
 def build_network(cfg: Config, width: int, vocab: Vocab, *, pert_table=None, n_datasets: int = 1) -> Denoiser:
     """The denoiser over model-space cells of ``width`` values (genes, or a latent codec's dimensions)."""
-    return Denoiser(cfg.model, width, vocab.sizes, pert_table=pert_table, n_datasets=n_datasets)
+    return Denoiser(cfg.model, width, vocab.sizes, pert_table=pert_table, n_datasets=n_datasets,
+                    dose_values=vocab.dose_numbers())
 
 
 

@@ -33,6 +33,7 @@ class Denoiser(nn.Module):
         *,
         pert_table: torch.Tensor | None = None,
         n_datasets: int = 1,
+        dose_values: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -45,7 +46,7 @@ class Denoiser(nn.Module):
         self.cov_encoder = CovariateEncoder(
             vocab_sizes, cfg.cov_dim, h, pert_table=pert_table, context_dropout=cfg.context_dropout,
             pert_dropout=cfg.pert_dropout, batch_dropout=cfg.batch_dropout, prior_dropout=cfg.prior_dropout,
-            interaction=cfg.pert_interaction
+            interaction=cfg.pert_interaction, dose_values=dose_values if cfg.continuous_dose else None
         )
         self.blocks = nn.ModuleList(TwoStreamBlock(h, cfg.heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(cfg.depth))
         self.final = FinalLayer(h, n_genes)

@@ -55,6 +55,7 @@ class CovariateEncoder(nn.Module):
         batch_dropout: float = 0.0,
         prior_dropout: float = 0.0,
         interaction: bool = False,
+        dose_values: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.pert_dropout, self.batch_dropout = float(pert_dropout), float(batch_dropout)
@@ -73,6 +74,10 @@ class CovariateEncoder(nn.Module):
         else:
             self.pert_table = None
             self.pert_proj = None
+        self.dose_mlp: nn.Sequential | None = None
+        if dose_values is not None:  # log1p(dose) of each dose index (NaN: no number) and the MLP that reads it
+            self.register_buffer("dose_values", torch.tensor(dose_values, dtype=torch.float32))
+            self.dose_mlp = nn.Sequential(nn.Linear(1, cov_dim), nn.SiLU(), nn.Linear(cov_dim, cov_dim))
         self.pair: nn.Linear | None = None
         if interaction:
             self.pair = nn.Linear(cov_dim, cov_dim)
@@ -114,8 +119,22 @@ class CovariateEncoder(nn.Module):
         drop = torch.rand(labels.shape, device=labels.device) < p
         return labels.masked_fill(drop, 0)
 
+    def _dose(self, cov: dict) -> torch.Tensor:
+        """The learned dose token, plus with the continuous encoding MLP(log1p dose): from ``cov["dose_value"]``
+        when given (a dose never seen has token 0 and its own number), else the dose index's number. In training a
+        numeric dose loses its token with probability ``prior_dropout``, so the MLP learns to place doses alone."""
+        index = cov["dose"].reshape(-1)  # (B,)
+        if self.dose_mlp is None:
+            return self.dose(index)
+        value = cov["dose_value"].reshape(-1).float() if "dose_value" in cov else self.dose_values[index]  # (B,)
+        has = torch.isfinite(value)
+        if self.training and self.prior_dropout > 0.0:
+            index = index.masked_fill((torch.rand(index.shape, device=index.device) < self.prior_dropout) & has, 0)
+        mlp = self.dose_mlp(torch.where(has, value, torch.zeros_like(value))[:, None])  # (B, D)
+        return self.dose(index) + mlp * has[:, None].to(mlp.dtype)
+
     def forward(self, cov: dict, uncond: torch.Tensor | None = None) -> torch.Tensor:
-        pert = self._pert(cov["pert"]) + self.dose(cov["dose"].reshape(-1))  # (B, D)
+        pert = self._pert(cov["pert"]) + self._dose(cov)  # (B, D)
         parts = [pert]
         if len(self.contexts):
             context = self._drop(cov["context"].reshape(pert.shape[0], -1), self.context_dropout)  # (B, C)
