@@ -38,8 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="genes of the run absent from --data/--controls (matched by name): error, listing them "
                         "(default), or fill with zeros")
     p.add_argument("--unknown-perturbations", default="error", choices=["error", "generic"],
-                   help="perturbation parts never seen in training (and in no embedding table): error, naming every "
-                        "such condition (default), or predict them as the generic perturbation token")
+                   help="perturbation parts never seen in training and covered by no prior or embedding table: "
+                        "error, naming every such condition (default), or predict them as the generic perturbation "
+                        "token")
     p.add_argument("--from-dataset", metavar="NAME",
                    help="zero-shot: pretraining data set whose output layer to use (default: most shared genes)")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"], help="which checkpoint of the run")

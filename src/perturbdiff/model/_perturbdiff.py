@@ -179,7 +179,7 @@ class PerturbDiff(Run):
         real = [space.to_model(as_csr(self.adata.X[g[:n]]).toarray()) for g, n in zip(index.groups, n_cells)]
         ctrl_mean = [space.to_model(row_mean(self.adata.X, pool)) for pool in pools]  # store: in blocks
         unseen = self.vocab.unseen_parts([p for _, p in conds])
-        if unseen:  # held-out perturbations: the generic token is the only route, so validation takes it
+        if unseen:  # held-out perturbations no prior covers: the generic token is their only route
             logger.info("validation condition(s) %s hold perturbations never seen in training: validated through "
                         "the generic perturbation token", labels([c for c in conds if c[1] in unseen]))
         pearson_delta = metric("pearson_delta").compute
@@ -243,8 +243,10 @@ class PerturbDiff(Run):
                 missing_genes: str = "error", doses: Sequence[str] | None = None) -> AnnData:
         """Generate cells for ``conditions`` (default: the split's ``subset``), in log1p, cell-eval layout.
 
-        A perturbation part never seen in training (and absent from the embedding table) is an error naming it;
-        ``unknown_perturbations="generic"`` instead predicts it as the generic perturbation token (logged).
+        A perturbation part never seen in training and covered by no prior (``model.pert_prior``) or embedding table
+        is an error naming it; ``unknown_perturbations="generic"`` instead predicts it as the generic perturbation
+        token. How each part is represented is logged and written to ``uns["perturbdiff"]["routes"]``
+        (:meth:`routes`).
         ``adata``'s genes are matched to the run's by name; genes it lacks are an error naming them, or zeros with
         ``missing_genes="zero"`` (warned about when more than a few). A run with a dose key generates each condition
         at its measured cells' doses (its cells split in their proportions), or at every one of ``doses`` (known
