@@ -173,6 +173,15 @@ def test_the_route_is_reported_recorded_and_reloaded(program_run, tmp_path):
     torch.testing.assert_close(loaded.network.cov_encoder.pert_table, model.network.cov_encoder.pert_table)
 
 
+def test_info_names_the_prior_routes(program_run, capsys):
+    from perturbdiff.cli import main
+
+    _, _, _, out = program_run
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "more through coexpression" in text and "prior coexpression: 32 labels, 8 dimensions" in text
+
+
 def test_a_label_no_route_represents_fails_in_one_line(program_run):
     model, *_ = program_run
     with pytest.raises(DataError, match=r"covered by no prior or embedding table: NOTAGENE; train with a prior"):
