@@ -273,3 +273,16 @@ def test_token_only_doses_refuse_a_dose_never_seen():
     assert model.network.cov_encoder.dose_mlp is None
     with pytest.raises(DataError, match="'100' was not seen in training .*tokens only"):
         model.predict([(("A",), "UP")], n_cells=4, progress=False, doses=["100"])
+
+
+def test_validation_generates_at_the_validation_cells_doses(dose_run):
+    model, adata, split = dose_run
+    from perturbdiff.data import CellSetIndex
+
+    cond = (("B",), "UP")
+    groups = CellSetIndex.build(adata, model.keys, [cond]).groups
+    owner, doses, counts = model._dose_units(adata, groups, [40], [cond])
+    assert owner == [0, 0, 0] and doses == ["1", "1000", "10"] and counts == [18, 18, 4]  # 40 in 60 : 60 : 15
+    model.split = Split(**{**split.__dict__, "val": [cond]})
+    scores = model._validator("cpu")(model.network)
+    assert scores["val_pearson_delta"] > 0.8, scores  # each dose's own response: the pseudobulk follows the mix

@@ -184,9 +184,14 @@ class PerturbDiff(Run):
                         "the generic perturbation token", labels([c for c in conds if c[1] in unseen]))
         pearson_delta = metric("pearson_delta").compute
 
+        owner, doses, counts = self._dose_units(self.adata, [g[:n] for g, n in zip(index.groups, n_cells)], n_cells,
+                                                conds)
+
         def validate(net: torch.nn.Module) -> dict:
-            pred = self._cells(self.adata, conds, pools, n_cells, network=net, device=device, progress=False,
-                               unknown_pert="generic" if unseen else "error")
+            units = self._cells(self.adata, [conds[i] for i in owner], [pools[i] for i in owner], counts,
+                                network=net, device=device, progress=False,
+                                unknown_pert="generic" if unseen else "error", doses=doses)
+            pred = [np.concatenate([u for u, i in zip(units, owner) if i == c]) for c in range(len(conds))]
             if space is not self.codec:
                 pred = [space.to_model(self.codec.from_model(p, seed=(0, i))) for i, p in enumerate(pred)]
             eds, rs = [], []
@@ -229,6 +234,19 @@ class PerturbDiff(Run):
                 number = [dose_number(doses[i]) for i in plan.cond.tolist()]
                 cov["dose_value"] = np.asarray([np.nan if v is None else v for v in number], np.float32)
         return cov
+
+    def _dose_units(self, adata: AnnData, groups: Sequence[np.ndarray], counts: Sequence[int], conditions,
+                    doses: Sequence[str] = ()) -> tuple[list[int], list[str] | None, list[int]]:
+        """(the condition of each generation unit, each unit's dose, cells per unit): one unit per condition for a
+        run without doses; else one per (condition, dose) — the doses asked for, or those of the condition's
+        measured cells ``groups[i]`` with its cells split in their proportions (:func:`dose_units`)."""
+        key = self.keys.dose_key
+        if key is None:
+            return list(range(len(counts))), None, list(counts)
+        measured = [adata.obs[key].iloc[g].astype(str).value_counts().to_dict() if key in adata.obs and len(g)
+                    else {} for g in groups]
+        units = dose_units(counts, list(doses), measured, [label(c) for c in conditions])
+        return [i for i, _, _ in units], [d for _, d, _ in units], [n for _, _, n in units]
 
     def sample_settings(self, *, guidance: float | None = None, steps: int | None = None, start: str | None = None,
                         solver: str | None = None) -> SampleConfig:
@@ -278,15 +296,8 @@ class PerturbDiff(Run):
         counts = cells_to_generate(n_cells, conditions, split=self.split, subset=subset,
                                    observed=[len(g) or len(p) for g, p in zip(index.groups, pools)])
         settings = self.sample_settings(guidance=guidance, steps=steps, start=start, solver=solver)
-        unit_doses = None
-        if self.keys.dose_key is not None:  # one unit per (condition, dose)
-            key = self.keys.dose_key
-            measured = [adata.obs[key].iloc[g].astype(str).value_counts().to_dict() if key in adata.obs and len(g)
-                        else {} for g in index.groups]
-            units = dose_units(counts, dose_list, measured, [label(c) for c in conditions])
-            conditions = [conditions[i] for i, _, _ in units]
-            pools, counts = [pools[i] for i, _, _ in units], [n for _, _, n in units]
-            unit_doses = [d for _, d, _ in units]
+        owner, unit_doses, counts = self._dose_units(adata, index.groups, counts, conditions, dose_list)
+        conditions, pools = [conditions[i] for i in owner], [pools[i] for i in owner]
         parts = self._cells(adata, conditions, pools, counts, settings=settings, n_samples=n_samples, seed=seed,
                             progress=progress, device=device, unknown_pert=unknown_perturbations, doses=unit_doses)
         n = len(conditions)
