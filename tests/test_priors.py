@@ -284,5 +284,19 @@ def test_validation_generates_at_the_validation_cells_doses(dose_run):
     owner, doses, counts = model._dose_units(adata, groups, [40], [cond])
     assert owner == [0, 0, 0] and doses == ["1", "1000", "10"] and counts == [18, 18, 4]  # 40 in 60 : 60 : 15
     model.split = Split(**{**split.__dict__, "val": [cond]})
-    scores = model._validator("cpu")(model.network)
-    assert scores["val_pearson_delta"] > 0.8, scores  # each dose's own response: the pseudobulk follows the mix
+    own = model.adata
+    model.adata = adata[np.random.default_rng(0).permutation(adata.n_obs)].copy()  # the first 2S cells: all doses
+    seen, cells = [], model._cells
+
+    def spy(*args, **kw):
+        seen.append(kw.get("doses"))
+        return cells(*args, **kw)
+
+    model._cells = spy
+    try:
+        scores = model._validator("cpu")(model.network)
+    finally:
+        del model._cells
+        model.adata = own
+    assert len(seen) == 1 and sorted(seen[0]) == ["1", "10", "1000"], seen
+    assert np.isfinite(scores["val_ed"]) and scores["val_pearson_delta"] > 0.5, scores
