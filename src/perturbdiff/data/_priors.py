@@ -82,7 +82,8 @@ def _top_svd(mat: np.ndarray, dim: int, seed: int) -> np.ndarray:
 # -- co-expression ----------------------------------------------------------------------------------------------
 def coexpression_block(X, rows: np.ndarray, genes: Sequence[str], *, dim: int, neighbours: int, seed: int,
                        scale: float = 1.0) -> PriorBlock:
-    """Each measured gene's graph-smoothed co-expression embedding over the cells ``rows`` of ``X`` (log1p)."""
+    """Each measured gene's graph-smoothed co-expression embedding over the cells ``rows`` of ``X`` (log1p). The
+    correlation is a dense G x G float64 matrix: 32 MB at 2,000 genes, 3.2 GB at 20,000."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(rows, MAX_CELLS, replace=False)) if len(rows) > MAX_CELLS else np.asarray(rows)
     x = as_csr(X[rows]).toarray().astype(np.float64) / scale  # (n, G)
