@@ -61,10 +61,9 @@ def score(preds: dict, prep, split, subset: str = "test") -> tuple[pd.DataFrame,
 
 def run_baselines(args, prep, split, keys, out: Path) -> None:
     """Every registered baseline not yet in out/baselines.json (so a baseline added later is scored once too); the
-    knn baseline in the knowledge prior's embedding (HPO), the table a knowledge-prior run gets."""
+    knn baseline in its default table, the knowledge prior's HPO embedding (k = 5)."""
     from perturbdiff._io import atomic_write_json
     from perturbdiff.baselines import BASELINES, make_baseline
-    from perturbdiff.data._priors import knowledge_block
 
     path = out / "baselines.json"
     rows = json.loads(path.read_text()) if path.exists() else {}
@@ -74,11 +73,7 @@ def run_baselines(args, prep, split, keys, out: Path) -> None:
     preds, secs = {}, {}
     for name in todo:
         t0 = time.perf_counter()
-        extra = {}
-        if name == "knn":
-            block = knowledge_block(dim=32, seed=0)
-            extra = {"table": (block.labels, block.matrix), "k": 5}
-        baseline = make_baseline(name, unseen="zero", **extra).fit(prep, split, keys)  # unseen: no effect (PEERS.md)
+        baseline = make_baseline(name, unseen="zero").fit(prep, split, keys)  # unseen: no effect (PEERS.md)
         preds[name] = baseline.predict(split.test, split.test_n_cells, 0)
         secs[name] = time.perf_counter() - t0
     table, _ = score(preds, prep, split)

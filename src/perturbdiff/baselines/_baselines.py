@@ -337,13 +337,19 @@ class TrainingMeanBaseline(_Baseline):
 
 class KNNBaseline(AdditiveBaseline):
     """Additive over parts, an unseen part's shift the similarity-weighted mean of its ``k`` most similar trained
-    single perturbations in an embedding ``table`` (labels, [n, E]; cosine, positive similarities only); a part
-    neither trained nor in the table: DataError naming it (or no effect with ``unseen="zero"``)."""
+    single perturbations in an embedding ``table`` (labels, [n, E]; cosine, positive similarities only; default:
+    the HPO knowledge embedding of the ``knowledge`` prior, 32 dimensions); a part neither trained nor in the table:
+    DataError naming it (or no effect with ``unseen="zero"``)."""
 
     name = "knn"
 
-    def __init__(self, table: tuple[list[str], np.ndarray], k: int = 5, unseen: str = "error") -> None:
+    def __init__(self, table: tuple[list[str], np.ndarray] | None = None, k: int = 5, unseen: str = "error") -> None:
         super().__init__(unseen)
+        if table is None:
+            from perturbdiff.data._priors import knowledge_block
+
+            block = knowledge_block(dim=32, seed=0)
+            table = (block.labels, block.matrix)
         labels, mat = table
         mat = np.asarray(mat, np.float64)
         self._where = {str(q): i for i, q in enumerate(labels)}
