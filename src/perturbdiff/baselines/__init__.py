@@ -5,16 +5,9 @@ Each is a plain class: ``fit(adata_prep, split, keys)``, then
 ``predict(conditions, n_cells, seed) -> AnnData``.
 """
 
-from perturbdiff.baselines._baselines import (
-    BASELINES,
-    AdditiveBaseline,
-    ControlBaseline,
-    KNNBaseline,
-    LinearBaseline,
-    MeanBaseline,
-    TrainingMeanBaseline,
-    make_baseline,
-)
+from perturbdiff.baselines._baselines import AdditiveBaseline, ControlBaseline, LinearBaseline, MeanBaseline
+from perturbdiff.baselines._registry import BASELINES, make_baseline
+from perturbdiff.baselines._unseen import KNNBaseline, TrainingMeanBaseline
 
 __all__ = [
     "BASELINES",

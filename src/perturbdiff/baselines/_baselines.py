@@ -77,7 +77,7 @@ def fit_state(adata: AnnData, split: Split, keys: DataKeys | None = None) -> _Fi
     )
 
 
-class _Baseline:
+class Baseline:
     """Shared fit / predict: subclasses define ``_cells(cond, rows) -> (n, G)`` from sampled control rows."""
 
     name = "baseline"
@@ -89,7 +89,7 @@ class _Baseline:
         self.unseen = unseen  # a perturbation none of whose parts was trained: DataError, or no effect
         self._fit: _Fitted | None = None
 
-    def fit(self, adata_prep: AnnData, split: Split, keys: DataKeys | None = None) -> _Baseline:
+    def fit(self, adata_prep: AnnData, split: Split, keys: DataKeys | None = None) -> Baseline:
         """Fit on the training conditions of ``split`` (control cells of every context are visible)."""
         self._fit = fit_state(adata_prep, split, keys)
         self._after_fit()
@@ -163,7 +163,7 @@ class _Baseline:
         return [p for p in parts if known(p)]
 
 
-class ControlBaseline(_Baseline):
+class ControlBaseline(Baseline):
     """Predict no effect: the context's own control cells, sampled."""
 
     name = "control"
@@ -172,7 +172,7 @@ class ControlBaseline(_Baseline):
         return self._controls(rows)
 
 
-class AdditiveBaseline(_Baseline):
+class AdditiveBaseline(Baseline):
     """Context controls + Δ(pert): Δ from the same context if trained there, else the mean over
     training contexts; unseen combinations = Σ Δ(part); clipped at 0."""
 
@@ -195,7 +195,7 @@ class AdditiveBaseline(_Baseline):
         return np.clip(self._controls(rows) + self.delta(*cond)[None, :], 0.0, None)
 
 
-class MeanBaseline(_Baseline):
+class MeanBaseline(Baseline):
     """Every cell = the perturbation's mean over training cells (PEERS ``pert_mean``).
 
     ``overall``: pooled over training contexts; ``context``: the same context's mean when trained there, else
@@ -272,7 +272,7 @@ def _batch_means(adata: AnnData, split: Split, keys: DataKeys) -> tuple[np.ndarr
     return batch_of, table
 
 
-class LinearBaseline(_Baseline):
+class LinearBaseline(Baseline):
     """Ridge regression Δ ≈ W·[multi-hot(parts) ; one-hot(context values)] + b over training
     conditions, applied to the context's control cells; clipped at 0."""
 
@@ -315,90 +315,3 @@ class LinearBaseline(_Baseline):
 
     def _cells(self, cond: Condition, rows: np.ndarray) -> np.ndarray:
         return np.clip(self._controls(rows) + self.delta(*cond)[None, :], 0.0, None)
-
-
-class TrainingMeanBaseline(_Baseline):
-    """Context controls + the mean shift over every training perturbation of that context (over all training
-    conditions where the context has none): the bar for perturbations never seen (Ahlmann-Eltze et al., Nat Methods
-    2025). It ignores which perturbation is asked for."""
-
-    name = "train_mean"
-
-    def delta(self, ctx: Context, pert: str) -> np.ndarray:
-        st = self.state
-        if pert == st.keys.control_value:
-            return np.zeros(len(st.genes))
-        mine = [c for c in st.train_mean if c[0] == ctx]
-        return np.mean([st.shift(c) for c in (mine or list(st.train_mean))], axis=0)
-
-    def _cells(self, cond: Condition, rows: np.ndarray) -> np.ndarray:
-        return np.clip(self._controls(rows) + self.delta(*cond)[None, :], 0.0, None)
-
-
-class KNNBaseline(AdditiveBaseline):
-    """Additive over parts, an unseen part's shift the similarity-weighted mean of its ``k`` most similar trained
-    single perturbations in an embedding ``table`` (labels, [n, E]; cosine, positive similarities only; default:
-    the HPO knowledge embedding of the ``knowledge`` prior, 32 dimensions); a part neither trained nor in the table:
-    DataError naming it (or no effect with ``unseen="zero"``)."""
-
-    name = "knn"
-
-    def __init__(self, table: tuple[list[str], np.ndarray] | None = None, k: int = 5, unseen: str = "error") -> None:
-        super().__init__(unseen)
-        if table is None:
-            from perturbdiff.data._priors import knowledge_block
-
-            block = knowledge_block(dim=32, seed=0)
-            table = (block.labels, block.matrix)
-        labels, mat = table
-        mat = np.asarray(mat, np.float64)
-        self._where = {str(q): i for i, q in enumerate(labels)}
-        self._unit = mat / np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
-        self.k = int(k)
-
-    def neighbours(self, part: str) -> dict[str, float]:
-        """{trained single: weight} of ``part``'s nearest neighbours in the table (empty: none similar)."""
-        st = self.state
-        singles = sorted({p for _, p in st.train_mean if p in self._where and "+" not in p})
-        if part not in self._where or not singles:
-            return {}
-        sim = self._unit[[self._where[p] for p in singles]] @ self._unit[self._where[part]]
-        top = np.argsort(-sim)[: self.k]
-        return {singles[i]: float(sim[i]) for i in top if sim[i] > 0}
-
-    def delta(self, ctx: Context, pert: str) -> np.ndarray:
-        st = self.state
-        if pert == st.keys.control_value or st.contexts_of(pert):
-            return super().delta(ctx, pert)
-        out = np.zeros(len(st.genes))
-        for part in pert_parts(pert):
-            if st.contexts_of(part):
-                out += super().delta(ctx, part)
-                continue
-            near = self.neighbours(part)
-            if not near:
-                if self.unseen == "error":
-                    raise DataError(f"perturbation {pert!r}: part {part!r} was neither trained nor has a similar "
-                                    "trained perturbation in the embedding table; the knn baseline cannot place it "
-                                    "(unseen='zero' predicts no effect for it)")
-                continue
-            w = np.array(list(near.values()))
-            out += np.einsum("k,kg->g", w / w.sum(), np.stack([super(KNNBaseline, self).delta(ctx, p) for p in near]))
-        return out
-
-
-BASELINES: dict[str, type[_Baseline]] = {
-    "control": ControlBaseline,
-    "mean": MeanBaseline,
-    "additive": AdditiveBaseline,
-    "linear": LinearBaseline,
-    "train_mean": TrainingMeanBaseline,
-    "knn": KNNBaseline,
-}
-
-
-def make_baseline(name: str, **kwargs) -> _Baseline:
-    """Instantiate a registered baseline by name."""
-    if name not in BASELINES:
-        raise ConfigError(f"unknown baseline {name!r}; choose one of {', '.join(BASELINES)}")
-    return BASELINES[name](**kwargs)

@@ -33,6 +33,7 @@ _WHERE = {
     "value_stats": "_validate",
     "PriorBlock": "_priors", "build_priors": "_priors", "parse_routes": "_priors", "training_shifts": "_priors",
     "prior_summary": "_priors", "part_routes": "_priors", "PRIOR_ROUTES": "_priors",
+    "knowledge_block": "_priors", "coexpression_block": "_priors", "effects_block": "_priors",
 }
 
 __all__ = list(_WHERE)

@@ -1,0 +1,80 @@
+"""Baselines for perturbations never seen in training (issue 14): the mean over training perturbations, and
+k nearest neighbours in an embedding table (by default the HPO knowledge embedding)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from perturbdiff._errors import DataError
+from perturbdiff.baselines._baselines import AdditiveBaseline, Baseline
+from perturbdiff.data import Condition, Context, pert_parts
+
+
+class TrainingMeanBaseline(Baseline):
+    """Context controls + the mean shift over every training perturbation of that context (over all training
+    conditions where the context has none): the bar for perturbations never seen (Ahlmann-Eltze et al., Nat Methods
+    2025). It ignores which perturbation is asked for."""
+
+    name = "train_mean"
+
+    def delta(self, ctx: Context, pert: str) -> np.ndarray:
+        st = self.state
+        if pert == st.keys.control_value:
+            return np.zeros(len(st.genes))
+        mine = [c for c in st.train_mean if c[0] == ctx]
+        return np.mean([st.shift(c) for c in (mine or list(st.train_mean))], axis=0)
+
+    def _cells(self, cond: Condition, rows: np.ndarray) -> np.ndarray:
+        return np.clip(self._controls(rows) + self.delta(*cond)[None, :], 0.0, None)
+
+
+class KNNBaseline(AdditiveBaseline):
+    """Additive over parts, an unseen part's shift the similarity-weighted mean of its ``k`` most similar trained
+    single perturbations in an embedding ``table`` (labels, [n, E]; cosine, positive similarities only; default:
+    the HPO knowledge embedding of the ``knowledge`` prior, 32 dimensions); a part neither trained nor in the table:
+    DataError naming it (or no effect with ``unseen="zero"``)."""
+
+    name = "knn"
+
+    def __init__(self, table: tuple[list[str], np.ndarray] | None = None, k: int = 5, unseen: str = "error") -> None:
+        super().__init__(unseen)
+        if table is None:
+            from perturbdiff.data import knowledge_block
+
+            block = knowledge_block(dim=32, seed=0)
+            table = (block.labels, block.matrix)
+        labels, mat = table
+        mat = np.asarray(mat, np.float64)
+        self._where = {str(q): i for i, q in enumerate(labels)}
+        self._unit = mat / np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
+        self.k = int(k)
+
+    def neighbours(self, part: str) -> dict[str, float]:
+        """{trained single: weight} of ``part``'s nearest neighbours in the table (empty: none similar)."""
+        st = self.state
+        singles = sorted({p for _, p in st.train_mean if p in self._where and "+" not in p})
+        if part not in self._where or not singles:
+            return {}
+        sim = self._unit[[self._where[p] for p in singles]] @ self._unit[self._where[part]]
+        top = np.argsort(-sim)[: self.k]
+        return {singles[i]: float(sim[i]) for i in top if sim[i] > 0}
+
+    def delta(self, ctx: Context, pert: str) -> np.ndarray:
+        st = self.state
+        if pert == st.keys.control_value or st.contexts_of(pert):
+            return super().delta(ctx, pert)
+        out = np.zeros(len(st.genes))
+        for part in pert_parts(pert):
+            if st.contexts_of(part):
+                out += super().delta(ctx, part)
+                continue
+            near = self.neighbours(part)
+            if not near:
+                if self.unseen == "error":
+                    raise DataError(f"perturbation {pert!r}: part {part!r} was neither trained nor has a similar "
+                                    "trained perturbation in the embedding table; the knn baseline cannot place it "
+                                    "(unseen='zero' predicts no effect for it)")
+                continue
+            w = np.array(list(near.values()))
+            out += np.einsum("k,kg->g", w / w.sum(), np.stack([super(KNNBaseline, self).delta(ctx, p) for p in near]))
+        return out
