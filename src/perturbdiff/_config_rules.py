@@ -15,7 +15,7 @@ SOLVERS = ("euler", "heun", "dopri5", "rk4")
 CODEC_KINDS = ("scale", "latent")  # perturbdiff.data.CODECS
 PRECISIONS = ("auto", "bf16", "fp32")
 ZERO_MODES = ("sample", "mean", "threshold")  # perturbdiff.data._latent.ZERO_MODES
-PRIOR_ROUTES = ("coexpression", "knowledge", "effects")  # perturbdiff.data._priors.ROUTES
+PRIOR_ROUTES = ("coexpression", "knowledge", "effects")  # model.pert_prior; perturbdiff.data._priors reads it
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}

@@ -17,7 +17,16 @@ from anndata import AnnData
 
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import logger
-from perturbdiff.data import Condition, Context, DataKeys, Split, condition_codes, group_means, pert_parts
+from perturbdiff.data import (
+    Condition,
+    Context,
+    DataKeys,
+    Split,
+    condition_codes,
+    group_means,
+    pert_parts,
+    training_means,
+)
 
 
 @dataclass
@@ -54,10 +63,8 @@ def fit_state(adata: AnnData, split: Split, keys: DataKeys | None = None) -> _Fi
     """Index the data once: pseudobulks of training and control groups, control rows per context."""
     keys = keys or _default_keys(split)
     split.check(adata, keys)
-    codes, conds = condition_codes(adata, keys)
     train = {_as_condition(c) for c in split.train}
-    allowed = np.array([c in train or c[1] == keys.control_value for c in conds], dtype=bool)
-    means = group_means(adata.X, np.where(allowed[codes], codes, -1), len(conds))
+    codes, conds, means = training_means(adata, keys, train)
     counts = np.bincount(codes, minlength=len(conds))
     ctrl_rows: dict[Context, np.ndarray] = {}
     order = np.argsort(codes, kind="stable")

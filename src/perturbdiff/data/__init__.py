@@ -21,8 +21,8 @@ _WHERE = {
     "LatentCodec": "_latent",
     "align_genes": "_preprocess", "MODEL_SCALE": "_preprocess",
     "read_embedding_table": "_embeddings", "align_table": "_embeddings",
-    "label": "_split", "labels": "_split", "training_mask": "_split", "condition_codes": "_split",
-    "obs_codes": "_split",
+    "label": "_split", "labels": "_split", "training_mask": "_split", "training_means": "_split",
+    "condition_codes": "_split", "obs_codes": "_split",
     "unseen_error": "_vocab", "UNKNOWN": "_vocab", "PAD": "_vocab",
     "MarginalSetDataset": "_marginal", "gene_vocabulary": "_marginal", "gene_masks": "_marginal",
     "CONTEXT_SEP": "_marginal",
@@ -32,7 +32,7 @@ _WHERE = {
     "check_obs": "_validate",
     "value_stats": "_validate",
     "PriorBlock": "_priors", "build_priors": "_priors", "parse_routes": "_priors", "training_shifts": "_priors",
-    "prior_summary": "_priors", "part_routes": "_priors", "PRIOR_ROUTES": "_priors",
+    "prior_summary": "_priors", "part_routes": "_priors",
     "knowledge_block": "_priors", "coexpression_block": "_priors", "effects_block": "_priors",
 }
 

