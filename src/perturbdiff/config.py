@@ -81,6 +81,10 @@ class ModelConfig:
     # numeric doses also through log1p(dose) -> a small MLP next to the learned dose token, so a dose never seen in
     # training is placed between seen ones (a run's doses must all parse as numbers; otherwise tokens only)
     continuous_dose: bool = True
+    # a baseline every set's control stream is shifted by (model/_anchor.py): its predicted pseudobulk shift of the
+    # set's condition, fitted on the training conditions other than that one, so the output (control mean + the
+    # network's residual) starts from the baseline: "" = none, or additive, knn, train_mean, linear
+    anchor: str = ""
 
 
 @dataclass
@@ -299,6 +303,8 @@ class Config:
             problems.append("diffusion.beta_start must be below diffusion.beta_end")
         if self.sample.truncated_start_t >= self.diffusion.timesteps:
             problems.append("sample.truncated_start_t must be below diffusion.timesteps")
+        if self.model.anchor and self.codec.kind != "scale":
+            problems.append(f"model.anchor = {self.model.anchor!r} needs codec.kind = 'scale' (a shift in gene space)")
         if self.preset not in PRESETS:
             problems.append(f"preset {self.preset!r} (choose one of {', '.join(PRESETS)})")
         if problems:

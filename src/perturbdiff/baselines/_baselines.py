@@ -105,6 +105,33 @@ class Baseline:
     def _after_fit(self) -> None:
         pass
 
+    def fit_shifts(self, keys: DataKeys, genes, shifts: dict[Condition, np.ndarray]) -> Baseline:
+        """Fit from the training conditions' pseudobulk shifts alone (no cells): ``delta`` works, ``predict`` does
+        not. The anchor (model/_anchor.py) refits a baseline this way from the shifts a checkpoint carries."""
+        shifts = {_as_condition(c): np.asarray(v, np.float64) for c, v in shifts.items()}
+        zero = np.zeros(len(genes))
+        self._fit = _Fitted(keys=keys, genes=pd.Index([str(g) for g in genes]), X=None, train_mean=shifts,
+                            train_n={c: 1 for c in shifts}, ctrl_rows={}, ctrl_mean={c[0]: zero for c in shifts},
+                            n_cells={})
+        self._after_fit()
+        return self
+
+    def delta_left_out(self, ctx: Context, pert: str) -> np.ndarray:
+        """``delta(ctx, pert)`` as if that condition had not been trained on (refitted without it), so a training
+        condition gets the shift the baseline would predict for it unseen."""
+        st, cond = self.state, (ctx, pert)
+        if cond not in st.train_mean:
+            return self.delta(ctx, pert)
+        kept_mean, kept_n = st.train_mean, st.train_n
+        st.train_mean = {c: v for c, v in kept_mean.items() if c != cond}
+        st.train_n = {c: v for c, v in kept_n.items() if c != cond}
+        try:
+            self._after_fit()
+            return self.delta(ctx, pert)
+        finally:
+            st.train_mean, st.train_n = kept_mean, kept_n
+            self._after_fit()
+
     @property
     def state(self) -> _Fitted:
         if self._fit is None:

@@ -229,7 +229,8 @@ def _control_sets(rng, pools: list[np.ndarray], src: np.ndarray, S: int) -> tupl
 
 
 class CellSetDataset(Dataset):
-    """Sets of S cells of one condition unit + matched control sets, reshuffled from (seed, epoch)."""
+    """Sets of S cells of one condition unit + matched control sets, reshuffled from (seed, epoch); ``offsets``
+    [units, width] (model space) shift each unit's control sets (the anchor), control->control sets unshifted."""
 
     def __init__(
         self,
@@ -241,6 +242,7 @@ class CellSetDataset(Dataset):
         seed: int,
         control_set_fraction: float = 0.0,
         codec: ScaleCodec | None = None,
+        offsets: np.ndarray | None = None,
     ):
         if adata.n_obs != index.n_obs:
             raise DataError(f"the AnnData has {adata.n_obs} cells but the index was built on {index.n_obs}")
@@ -256,6 +258,13 @@ class CellSetDataset(Dataset):
         self._sizes = np.asarray([len(r) for r in index.unit_rows], dtype=np.int64)
         self._flat = np.concatenate([np.zeros(0, np.int64), *index.unit_rows])
         self._cov = self._covariates(vocab)
+        self._offsets = None  # model-space shift of each covariate row's control set (the anchor); pools: none
+        if offsets is not None:
+            offsets = np.asarray(offsets, np.float32)
+            if offsets.shape != (index.n_units, self.codec.width(self.X.shape[1])):
+                raise DataError(f"offsets must be [units, width] = [{index.n_units}, "
+                                f"{self.codec.width(self.X.shape[1])}], got {list(offsets.shape)}")
+            self._offsets = np.concatenate([offsets, np.zeros((index.n_own_pools, offsets.shape[1]), np.float32)])
         self.set_epoch(0)
 
     def _encode_all(self) -> np.ndarray:
@@ -318,6 +327,8 @@ class CellSetDataset(Dataset):
         else:
             self.X[rows].toarray(out=out)
             self.codec.to_model(out, out=out)
+        if self._offsets is not None:  # the anchor: each control set shifted by its condition's baseline shift
+            x[1].numpy()[...] += self._offsets[r][:, None, :]
         batched = {"target": x[0], "control": x[1]}
         offset = n_x
         for k, v in ints.items():

@@ -62,11 +62,11 @@ def plan_sets(n_cells: Sequence[int], set_size: int, n_samples: int, seed: int,
 @torch.no_grad()
 def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes: int | None = None, settings,
              seed: int = 0, device=None, progress: bool = True, codec=None, network=None,
-             batch_size: int = 64) -> np.ndarray:
+             batch_size: int = 64, offsets: np.ndarray | None = None) -> np.ndarray:
     """Model-space cells [N, S, G] for every planned set: ``run.process.sample`` with the run's (or ``network``'s)
     weights, in batches of ``batch_size`` sets (batch c draws its noise from ``seed * 1_000_003 + c``), control sets
-    from the rows of ``X`` through the codec, values under the codec's floor zeroed. ``cov``: covariates per set
-    [N, ...]."""
+    from the rows of ``X`` through the codec (plus ``offsets[i]``, the model-space anchor of condition i, when
+    given), values under the codec's floor zeroed. ``cov``: covariates per set [N, ...]."""
     codec = codec or run.codec
     device = torch.device(device or default_device())
     net = (network or run.network).to(device).eval()
@@ -81,6 +81,8 @@ def generate(run, plan: SetPlan, cov: dict[str, np.ndarray], *, X=None, n_genes:
         else:
             ctrl = torch.from_numpy(codec.to_model(X[plan.rows[sl].ravel()].toarray().astype(np.float32, copy=False)))
             ctrl = ctrl.view(-1, S, G)
+            if offsets is not None:
+                ctrl = ctrl + torch.from_numpy(np.asarray(offsets, np.float32)[plan.cond[sl]])[:, None, :]
         return ctrl.to(device), {k: torch.from_numpy(np.ascontiguousarray(v[sl])).to(device) for k, v in cov.items()}
 
     first = inputs(slice(0, min(batch_size, N))) if N else None

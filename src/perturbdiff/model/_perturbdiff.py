@@ -13,39 +13,36 @@ import torch
 from anndata import AnnData
 
 from perturbdiff._errors import DataError
-from perturbdiff._logging import is_cli, logger, warn
+from perturbdiff._logging import logger
 from perturbdiff.config import Config, SampleConfig
 from perturbdiff.data import (
     CellSetDataset,
     CellSetIndex,
     Condition,
     DataKeys,
-    PriorBlock,
     ScaleCodec,
     Split,
     Vocab,
     align_genes,
     align_table,
     as_csr,
-    build_priors,
     codec_from_meta,
     dose_number,
     get_record,
     label,
     labels,
     new_codec,
-    parse_routes,
     part_routes,
     pert_parts,
     prior_summary,
-    read_embedding_table,
     row_mean,
     training_mask,
-    training_shifts,
     unseen_error,
 )
 from perturbdiff.diffusion import energy_distance
 from perturbdiff.evaluate import metric
+from perturbdiff.model._anchor import Anchor
+from perturbdiff.model._build import check_gene_selection, check_test_representable, prior_blocks
 from perturbdiff.model._debias import MIN_EFFECT, debias
 from perturbdiff.model._generate import (
     cells_to_generate,
@@ -70,9 +67,10 @@ class PerturbDiff(Run):
     kind = TASK
 
     def __init__(self, cfg: Config, network: Denoiser, vocab: Vocab, record: dict, codec, *,
-                 split: Split | None = None, adata: AnnData | None = None, summary: dict | None = None):
+                 split: Split | None = None, adata: AnnData | None = None, summary: dict | None = None,
+                 anchor: Anchor | None = None):
         super().__init__(cfg, network, vocab, codec, summary=summary)
-        self.record, self.split, self.adata = record, split, adata
+        self.record, self.split, self.adata, self.anchor = record, split, adata, anchor
         self.keys = DataKeys.from_dict(record["keys"])
         self.genes = [str(g) for g in record["genes"]]
 
@@ -90,7 +88,7 @@ class PerturbDiff(Run):
         vocab = Vocab.build(adata, keys, split.train)
         seen = vocab.perturbations
         train_rows = np.flatnonzero(training_mask(adata, keys, split))
-        blocks = _prior_blocks(cfg, adata, keys, split, train_rows)
+        blocks = prior_blocks(cfg, adata, keys, split, train_rows)
         table = None
         if blocks:  # each block's labels become representable; its columns are zero where it lacks a label
             known = set(vocab.pert)
@@ -106,15 +104,28 @@ class PerturbDiff(Run):
         if table is not None:  # table-only labels: their learned part starts at zero, only the table speaks
             with torch.no_grad():
                 network.cov_encoder.pert.weight[vocab.first_label + len(seen):] = 0.0
-        _check_gene_selection(record, len(train_rows), adata.n_obs)
-        _check_test_representable(vocab, split)
+        check_gene_selection(record, len(train_rows), adata.n_obs)
+        check_test_representable(vocab, split)
         summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
                    "n_val_conditions": len(split.val), "n_test_conditions": len(split.test),
                    "seen_perturbations": seen, "prior_blocks": prior_summary(blocks)}
-        return cls(cfg, network, vocab, record, codec, split=split, adata=adata, summary=summary)
+        anchor = Anchor.fit(cfg.model.anchor, adata, keys, split.train) if cfg.model.anchor else None
+        if anchor is not None:
+            summary["anchor"] = anchor.route
+            logger.info("anchor: every set starts from the %s baseline's shift of its condition (%d training "
+                        "conditions, each left out of its own)", anchor.route, len(anchor.conditions))
+        return cls(cfg, network, vocab, record, codec, split=split, adata=adata, summary=summary, anchor=anchor)
 
     def _own_meta(self) -> dict[str, Any]:
-        return {"record": self.record, "split": self.split.to_dict() if self.split else None}
+        return {"record": self.record, "split": self.split.to_dict() if self.split else None,
+                "anchor": self.anchor.to_meta() if self.anchor else None}
+
+    def _extra_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super()._extra_tensors(), **(self.anchor.tensors() if self.anchor else {})}
+
+    def _offsets(self, conds: Sequence[Condition]) -> np.ndarray | None:
+        """Each condition's anchor shift in model space [n, G] (None without an anchor)."""
+        return None if self.anchor is None else self.anchor.offsets(conds, self.codec)
 
     @classmethod
     def _from_meta(cls, cfg, meta, vocab, codec, tensors, *, adata: AnnData | None = None) -> PerturbDiff:
@@ -122,7 +133,10 @@ class PerturbDiff(Run):
         network = build_network(cfg, codec.width(len(meta["record"]["genes"])), vocab,
                                 pert_table=None if table is None else torch.zeros_like(table))
         split = Split.from_dict(meta["split"]) if meta.get("split") else None
-        return cls(cfg, network, vocab, meta["record"], codec, split=split, adata=adata, summary=meta.get("summary"))
+        record = meta["record"]
+        anchor = Anchor.from_meta(meta.get("anchor"), tensors, DataKeys.from_dict(record["keys"]), record["genes"])
+        return cls(cfg, network, vocab, record, codec, split=split, adata=adata, summary=meta.get("summary"),
+                   anchor=anchor)
 
     @classmethod
     def load(cls, path: str | Path, *, adata: AnnData | None = None, which: str = "best") -> PerturbDiff:
@@ -141,8 +155,10 @@ class PerturbDiff(Run):
             self._fit_codec(out_dir, resume=resume, progress=progress, device=device)
         index = CellSetIndex.build(self.adata, self.keys, self.split.train, fraction=cfg.data.fraction,
                                    seed=cfg.train.seed)
+        units = None if self.anchor is None else self._offsets([index.conditions[c] for c in index.unit_cond])
         dataset = CellSetDataset(self.adata, index, self.vocab, set_size=cfg.data.set_size, seed=cfg.train.seed,
-                                 control_set_fraction=cfg.data.control_set_fraction, codec=self.codec)
+                                 control_set_fraction=cfg.data.control_set_fraction, codec=self.codec,
+                                 offsets=units)
         validate = self._validator(device) if self.split.val else None
         trainer = self._fit(dataset, max_steps, out_dir, validate=validate, progress=progress, resume=resume,
                             device=device, files={"split.json": self.split.write})
@@ -212,7 +228,7 @@ class PerturbDiff(Run):
         plan = plan_sets(n_cells, self.cfg.data.set_size, n_samples, seed, pools)
         cov = self._covariates(adata, conds, plan, unknown_pert, doses)
         cells = generate(self, plan, cov, X=adata.X, settings=settings or self.cfg.sample, seed=seed, device=device,
-                         progress=progress, network=network)
+                         progress=progress, network=network, offsets=self._offsets(conds))
         return per_condition(cells, plan, n_cells, n_samples)
 
     def _covariates(self, adata: AnnData, conds, plan, unknown_pert: str = "error",
@@ -361,37 +377,3 @@ class PerturbDiff(Run):
                 "representable": self.vocab.perturbations, "control": self.vocab.control, "contexts": contexts,
                 "batches": self.vocab.batch[1:], "keys": self.keys.to_dict(), "record": self.record,
                 "split": self.split.summary() if self.split else None}
-
-
-def _prior_blocks(cfg: Config, adata: AnnData, keys: DataKeys, split: Split, train_rows: np.ndarray) -> list:
-    """The configured prior routes' blocks, then the user's table (``model.pert_embedding``) as one more."""
-    blocks = []
-    routes = parse_routes(cfg.model.pert_prior)
-    if routes:
-        shifts, parts_of = training_shifts(adata, keys, split.train)
-        blocks = build_priors(routes, X=adata.X, rows=train_rows, genes=list(adata.var_names), shifts=shifts,
-                              parts_of=parts_of, dim=cfg.model.prior_dim, neighbours=cfg.model.prior_neighbours,
-                              seed=cfg.train.seed)
-    if cfg.model.pert_embedding:
-        names, mat = read_embedding_table(cfg.model.pert_embedding)
-        blocks.append(PriorBlock("table", names, mat))
-    return blocks
-
-
-def _check_gene_selection(record: dict, n_train: int, n_obs: int) -> None:
-    """Warn when the genes were chosen as HVGs of more cells than the split may learn from (test cells
-    included: SPEC §1 wants them chosen on training cells only)."""
-    sel = record.get("gene_selection") or {}
-    n_sel = sel.get("n_train_cells")
-    if sel.get("method") == "hvg" and n_sel is not None and int(n_sel) > n_train:
-        warn(f"the genes were chosen as HVGs of {n_sel} cells, but this split may learn from {n_train} of the "
-             f"{n_obs}: held-out cells shaped the gene selection; preprocess the raw file with this split "
-             "(perturbdiff preprocess --split, or preprocess(..., split=)) to choose them on training cells only")
-
-
-def _check_test_representable(vocab: Vocab, split: Split) -> None:
-    """Name, before training, every test condition whose perturbation no route can represent."""
-    unseen = vocab.unseen_parts([p for _, p in split.test])
-    if unseen:
-        err = unseen_error(unseen, [c for c in split.test if c[1] in unseen])
-        warn(f"known before training: {err.for_cli() if is_cli() else err}")

@@ -83,7 +83,7 @@ class Run:
         cfg = self.cfg
         self.trainer = run_trainer(self.network, self.process, dataset, cfg, meta=self._meta, validate=validate,
                                    out_dir=out_dir, device=device or default_device(), resume=resume, files=files,
-                                   extra_tensors=self._codec_tensors)
+                                   extra_tensors=self._extra_tensors)
         logger.info("%s on %d sets/epoch of %d cells, %d parameters", what, len(dataset), cfg.data.set_size,
                     sum(p.numel() for p in self.network.parameters()))
         self.trainer.fit(max_steps, progress=progress)
@@ -96,9 +96,10 @@ class Run:
         if path.suffix != ".safetensors":
             path = path / "model.safetensors"
         tensors = {f"ema.{k}": v for k, v in self.network.state_dict().items()}
-        return save_checkpoint(path, {**tensors, **self._codec_tensors()}, self._meta())
+        return save_checkpoint(path, {**tensors, **self._extra_tensors()}, self._meta())
 
-    def _codec_tensors(self) -> dict[str, torch.Tensor]:
+    def _extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors beside the weights in every checkpoint: the codec's (a kind adds its own)."""
         return {f"codec.{k}": v for k, v in self.codec.tensors().items()}
 
     def set_codec(self, codec) -> None:
@@ -110,7 +111,7 @@ class Run:
     def load(cls, path: str | Path, *, which: str = "best", **kwargs):
         """Load a run directory (``best``/``last``/``model`` checkpoint) or a ``.safetensors`` file; no pickle."""
         path = resolve_checkpoint(path, which)
-        tensors, meta = load_checkpoint(path, prefixes=("ema.", "codec."))
+        tensors, meta = load_checkpoint(path, prefixes=("ema.", "codec.", "anchor."))
         kind = meta.get("kind", TASK)
         if kind != cls.kind:
             raise CheckpointError(WRONG_KIND[cls.kind].format(path=path))

@@ -1,0 +1,84 @@
+"""The anchor (``model.anchor``): every set's control stream is shifted by a baseline's predicted pseudobulk
+shift of the set's condition, so the network — whose output is the control mean plus its residual
+(``diffusion.control_skip``) — starts from that baseline and learns what the baseline misses.
+
+The baseline is fitted on the training conditions' shifts (pseudobulk minus the context's control pseudobulk,
+log1p). Every condition's shift is the one the baseline predicts *without* that condition: a training condition
+gets the shift it would get unseen, so the network learns to correct the baseline where it errs, as it must for a
+held-out condition, instead of learning that the anchor is always right. The shifts travel in the checkpoint, so
+a loaded run anchors new conditions and its user's own controls the same way; control sets are never shifted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from perturbdiff._logging import logger
+from perturbdiff.baselines import make_baseline
+from perturbdiff.data import Condition, DataKeys, training_means
+
+
+@dataclass
+class Anchor:
+    """A baseline (``route``) over the training conditions' shifts [K, G] (log1p)."""
+
+    route: str
+    keys: DataKeys
+    genes: list[str]
+    conditions: list[Condition]
+    shifts: np.ndarray
+    _baseline: Any = field(default=None, repr=False)
+
+    @classmethod
+    def fit(cls, route: str, adata, keys: DataKeys, train) -> Anchor:
+        """The training conditions' shifts from ``adata`` (log1p; a store is read in blocks)."""
+        train = {(tuple(map(str, c)), str(p)) for c, p in train}
+        _, conds, means = training_means(adata, keys, train)
+        ctrl = {c: means[k] for k, (c, p) in enumerate(conds) if p == keys.control_value}
+        kept = [(k, c) for k, c in enumerate(conds) if c in train and c[1] != keys.control_value and c[0] in ctrl]
+        shifts = np.stack([means[k] - ctrl[c[0]] for k, c in kept]) if kept else np.zeros((0, adata.n_vars))
+        return cls(route, keys, [str(g) for g in adata.var_names], [c for _, c in kept], shifts.astype(np.float32))
+
+    @property
+    def baseline(self):
+        if self._baseline is None:
+            table = {c: self.shifts[k] for k, c in enumerate(self.conditions)}
+            self._baseline = make_baseline(self.route, unseen="zero").fit_shifts(self.keys, self.genes, table)
+        return self._baseline
+
+    def shift(self, conditions) -> np.ndarray:
+        """[n, G] log1p shift of each condition, each predicted without itself; zero for control conditions."""
+        out = np.zeros((len(conditions), len(self.genes)), np.float32)
+        quiet = logger.level
+        logger.setLevel(max(quiet, logging.WARNING))  # per-part "unseen, taken as no effect" lines, once per condition
+        try:
+            for i, (ctx, pert) in enumerate(conditions):
+                if pert != self.keys.control_value:
+                    out[i] = self.baseline.delta_left_out(tuple(map(str, ctx)), str(pert))
+        finally:
+            logger.setLevel(quiet)
+        return out
+
+    def offsets(self, conditions, codec) -> np.ndarray:
+        """The shifts in the codec's model space [n, G] (a scale codec: log1p / scale)."""
+        return codec.to_model(self.shift(conditions))
+
+    # -- persistence -----------------------------------------------------------------------------------------
+    def to_meta(self) -> dict[str, Any]:
+        return {"route": self.route, "conditions": [[list(c), p] for c, p in self.conditions]}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"anchor.shifts": torch.from_numpy(np.ascontiguousarray(self.shifts))}
+
+    @classmethod
+    def from_meta(cls, meta: dict | None, tensors: dict, keys: DataKeys, genes) -> Anchor | None:
+        if not meta:
+            return None
+        conds = [(tuple(map(str, c)), str(p)) for c, p in meta["conditions"]]
+        shifts = tensors["anchor.shifts"].numpy().astype(np.float32)
+        return cls(str(meta["route"]), keys, [str(g) for g in genes], conds, shifts)
