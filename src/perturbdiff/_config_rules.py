@@ -17,6 +17,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 ZERO_MODES = ("sample", "mean", "threshold")  # perturbdiff.data._latent.ZERO_MODES
 PRIOR_ROUTES = ("coexpression", "knowledge", "effects")  # model.pert_prior; perturbdiff.data._priors reads it
 ANCHORS = ("additive", "knn", "train_mean", "linear")  # model.anchor (or ""): the baselines a model may start from
+AUTO_ANCHORS = ("knn", "train_mean", "linear")  # what model.anchor = "auto" chooses among (knn: additive + neighbours)
 
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -93,7 +94,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "model.prior_dim": (_pos, "at least 1"), "model.prior_neighbours": (_pos, "at least 1"),
     "model.pert_prior": (lambda v: all(r.strip() in PRIOR_ROUTES for r in v.split(",") if r.strip()),
                          f"comma-separated routes from {', '.join(PRIOR_ROUTES)}"),
-    "model.anchor": (lambda v: v == "" or v in ANCHORS, f"'' or one of {', '.join(ANCHORS)}"),
+    "model.anchor": (lambda v: v in ("", "auto", *ANCHORS), f"'', auto or one of {', '.join(ANCHORS)}"),
     "diffusion.timesteps": (lambda v: v >= 2, "at least 2"), "diffusion.beta_start": (lambda v: 0 < v < 1, "in (0, 1)"),
     "diffusion.beta_end": (lambda v: 0 < v < 1, "in (0, 1)"), "diffusion.ed_weight": (_nonneg, ">= 0"),
     "diffusion.mean_weight": (_nonneg, ">= 0"), "diffusion.self_cond_prob": (_unit, "in [0, 1]"),

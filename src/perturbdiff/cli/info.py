@@ -36,6 +36,9 @@ def run(args: argparse.Namespace) -> int:
     for b in blocks:
         placed = f", {len(b['placed'])} placed among seen neighbours" if b.get("placed") else ""
         print(f"  prior {b['route']}: {b['n_labels']} labels, {b['columns']} dimensions{placed}")
+    if info["summary"].get("anchor"):
+        print(f"anchor: every set starts from the {info['summary']['anchor']} baseline's shift of its condition "
+              "(fitted on the training conditions, each left out of its own)")
     print(f"control value: {info['control']}")
     for col, vals in info["contexts"].items():
         print(f"context {col!r} ({len(vals)}): {', '.join(vals)}")
@@ -44,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"preprocessing: input {rec.get('input_kind')}, normalize {rec.get('normalize')}, "
           f"log1p {rec.get('log1p')}, scale {rec.get('scale')}, genes by {rec.get('gene_selection', {})}")
     print(f"split: {info['split']}")
-    shown = {k: v for k, v in info["summary"].items() if k not in ("codec", "prior_blocks")}
+    shown = {k: v for k, v in info["summary"].items() if k not in ("codec", "prior_blocks", "anchor")}
     print(f"training data: {json.dumps(shown)}")
     codec = info.get("codec") or {}
     if codec.get("kind") == "latent":

@@ -11,6 +11,7 @@ a loaded run anchors new conditions and its user's own controls the same way; co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from perturbdiff._config_rules import AUTO_ANCHORS
 from perturbdiff._logging import logger
 from perturbdiff.baselines import make_baseline
-from perturbdiff.data import Condition, DataKeys, training_means
+from perturbdiff.data import Condition, DataKeys, condition_codes, group_means, training_means
+
+FALLBACK = "knn"  # model.anchor = "auto" without validation conditions to choose on
 
 
 @dataclass
@@ -43,6 +47,31 @@ class Anchor:
         kept = [(k, c) for k, c in enumerate(conds) if c in train and c[1] != keys.control_value and c[0] in ctrl]
         shifts = np.stack([means[k] - ctrl[c[0]] for k, c in kept]) if kept else np.zeros((0, adata.n_vars))
         return cls(route, keys, [str(g) for g in adata.var_names], [c for _, c in kept], shifts.astype(np.float32))
+
+    @classmethod
+    def choose(cls, adata, keys: DataKeys, split) -> tuple[Anchor, dict[str, float]]:
+        """``model.anchor = "auto"``: the route whose shifts of the split's validation conditions are nearest their
+        measured shifts (mean squared error over genes, averaged over the conditions), with every route's score;
+        without validation conditions (or their controls), knn and no scores. Additive is not a candidate: knn is
+        additive wherever a part was trained, and places the others among their neighbours."""
+        anchor = cls.fit(FALLBACK, adata, keys, split.train)
+        codes, conds = condition_codes(adata, keys)
+        where = {c: k for k, c in enumerate(conds)}
+        ctrl = {c: k for k, c in enumerate(conds) if c[1] == keys.control_value}
+        val = [(tuple(map(str, c)), str(p)) for c, p in split.val]
+        val = [c for c in val if c in where and (c[0], keys.control_value) in where]
+        if not val:
+            return anchor, {}
+        wanted = np.zeros(len(conds), bool)
+        wanted[[where[c] for c in val] + list(ctrl.values())] = True
+        means = group_means(adata.X, np.where(wanted[codes], codes, -1), len(conds))
+        real = np.stack([means[where[c]] - means[where[(c[0], keys.control_value)]] for c in val])  # (V, G)
+        scores = {}
+        for route in AUTO_ANCHORS:
+            candidate = dataclasses.replace(anchor, route=route, _baseline=None)
+            scores[route] = float(np.mean((candidate.shift(val) - real) ** 2))
+        best = min(scores, key=scores.get)
+        return dataclasses.replace(anchor, route=best, _baseline=None), scores
 
     @property
     def baseline(self):

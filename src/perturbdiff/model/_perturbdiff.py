@@ -109,11 +109,17 @@ class PerturbDiff(Run):
         summary = {"n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars), "n_train_conditions": len(split.train),
                    "n_val_conditions": len(split.val), "n_test_conditions": len(split.test),
                    "seen_perturbations": seen, "prior_blocks": prior_summary(blocks)}
-        anchor = Anchor.fit(cfg.model.anchor, adata, keys, split.train) if cfg.model.anchor else None
+        anchor, scores = None, {}
+        if cfg.model.anchor == "auto":
+            anchor, scores = Anchor.choose(adata, keys, split)
+        elif cfg.model.anchor:
+            anchor = Anchor.fit(cfg.model.anchor, adata, keys, split.train)
         if anchor is not None:
-            summary["anchor"] = anchor.route
-            logger.info("anchor: every set starts from the %s baseline's shift of its condition (%d training "
-                        "conditions, each left out of its own)", anchor.route, len(anchor.conditions))
+            summary.update(anchor=anchor.route, anchor_scores=scores)
+            how = (" (chosen on the validation conditions: shift MSE " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                                          scores.items()) + ")") if scores else ""
+            logger.info("anchor: every set starts from the %s baseline's shift of its condition, fitted on the %d "
+                        "training conditions, each left out of its own%s", anchor.route, len(anchor.conditions), how)
         return cls(cfg, network, vocab, record, codec, split=split, adata=adata, summary=summary, anchor=anchor)
 
     def _own_meta(self) -> dict[str, Any]:

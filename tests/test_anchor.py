@@ -1,0 +1,109 @@
+"""The anchor (``model.anchor``): each set's control stream shifted by a baseline's leave-one-out shift of its
+condition, recorded in the checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from perturbdiff import ConfigError, PerturbDiff
+from perturbdiff.baselines import make_baseline
+from perturbdiff.config import Config
+from perturbdiff.data import CellSetDataset, CellSetIndex, Split, Vocab
+from perturbdiff.model._anchor import Anchor
+from tests.test_priors import KEYS, _response, program_data
+
+
+def context_split() -> tuple:
+    """The program data with g2 and g10 held out in context B only (seen in A): a held-out-context setting."""
+    adata, split = program_data(n_per_group=40)
+    held = {(("B",), "g2"), (("B",), "g10")}
+    return adata, Split(name="ctx", pert_col="perturbation", control="control", context_cols=["cell_type"],
+                        train=[c for c in split.train if c not in held], val=[(("B",), "g10")],
+                        test=[(("B",), "g2")])
+
+
+def anchor_config(anchor: str, **extra) -> Config:
+    cfg = Config.from_preset("tiny").update({"data": {"set_size": 16, "batch_sets": 8}})
+    return cfg.update({"model": {"anchor": anchor}, "diffusion.process": "flow", "sample.steps": 4,
+                       "train": {"max_steps": 2, "val_every": 1, "log_every": 1, "warmup_steps": 1}, **extra})
+
+
+def test_each_condition_gets_the_baselines_shift_without_itself():
+    adata, split = context_split()
+    additive = Anchor.fit("additive", adata, KEYS, split.train)
+    # trained in both contexts: (A, g3) gets B's shift of g3, the shift additive predicts for it unseen
+    np.testing.assert_allclose(additive.shift([(("A",), "g3")])[0], _response(adata, (("B",), "g3")), atol=1e-5)
+    # held out in B: additive over the training contexts = A's shift; trained only in A: no other context, zero
+    np.testing.assert_allclose(additive.shift([(("B",), "g2")])[0], _response(adata, (("A",), "g2")), atol=1e-5)
+    assert not additive.shift([(("A",), "g2"), (("A",), "control")]).any()
+    # the mean over training perturbations of the context, the condition itself left out
+    mean = Anchor.fit("train_mean", adata, KEYS, split.train)
+    others = [c for c in split.train if c[0] == ("A",) and c[1] != "g3"]
+    np.testing.assert_allclose(mean.shift([(("A",), "g3")])[0], np.mean([_response(adata, c) for c in others], 0),
+                               atol=1e-5)
+    # an unseen condition's shift is the fitted baseline's own prediction
+    fitted = make_baseline("linear").fit(adata, split, KEYS)
+    linear = Anchor.fit("linear", adata, KEYS, split.train)
+    np.testing.assert_allclose(linear.shift([(("B",), "g2")])[0], fitted.delta(("B",), "g2"), atol=1e-4)
+
+
+def test_only_the_control_stream_of_perturbed_sets_is_shifted():
+    adata, split = context_split()
+    index = CellSetIndex.build(adata, KEYS, split.train)
+    vocab = Vocab.build(adata, KEYS, split.train)
+    rng = np.random.default_rng(0)
+    offsets = rng.normal(size=(index.n_units, adata.n_vars)).astype(np.float32)
+    kw = {"set_size": 16, "seed": 3, "control_set_fraction": 0.25}
+    plain = CellSetDataset(adata, index, vocab, **kw)
+    shifted = CellSetDataset(adata, index, vocab, offsets=offsets, **kw)
+    items = list(range(len(plain)))
+    a, b = plain.__getitems__(items).batched, shifted.__getitems__(items).batched
+    torch.testing.assert_close(a["target"], b["target"])
+    row = shifted._cov_row[items]
+    perturbed = row < index.n_units
+    assert perturbed.any() and (~perturbed).any()
+    expected = a["control"][perturbed] + torch.from_numpy(offsets[row[perturbed]])[:, None, :]
+    torch.testing.assert_close(b["control"][perturbed], expected)
+    torch.testing.assert_close(b["control"][~perturbed], a["control"][~perturbed])  # control->control: as they are
+    with pytest.raises(Exception, match=r"offsets must be \[units, width\]"):
+        CellSetDataset(adata, index, vocab, offsets=offsets[:, :3], **kw)
+
+
+def test_an_anchored_run_starts_from_the_baseline_and_reloads_its_anchor(tmp_path, capsys):
+    adata, split = context_split()
+    model = PerturbDiff.from_config(anchor_config("additive"), adata, split)
+    assert model.summary["anchor"] == "additive"
+    model.train(out_dir=tmp_path, progress=False, device="cpu")
+    cond = (("B",), "g2")
+    loaded = PerturbDiff.load(tmp_path, adata=adata)
+    assert loaded.anchor.route == "additive" and loaded.anchor.conditions == model.anchor.conditions
+    np.testing.assert_array_equal(loaded.anchor.shifts, model.anchor.shifts)
+
+    def cells(m):
+        return np.asarray(m.predict([cond], n_cells=64, include_controls=False, progress=False, seed=5).X.todense())
+
+    np.testing.assert_array_equal(cells(loaded), cells(model))
+    from perturbdiff.cli import main
+
+    assert main(["info", str(tmp_path)]) == 0
+    assert "anchor: every set starts from the additive baseline's shift" in capsys.readouterr().out
+    # a network with a zero output layer predicts the control mean (control_skip): the anchor adds its shift
+    with torch.no_grad():
+        loaded.network.final.linear.weight.zero_()
+    anchored = cells(loaded)
+    loaded.anchor = None
+    plain = cells(loaded)
+    delta = make_baseline("additive").fit(adata, split, KEYS).delta(*cond)
+    free = (plain > 0).all(0) & (anchored > 0).all(0)  # genes the zero floor and clip leave alone
+    assert free.sum() > 20
+    np.testing.assert_allclose((anchored - plain)[:, free], np.broadcast_to(delta[free], (64, free.sum())),
+                               atol=1e-4)
+
+
+def test_the_anchor_is_checked_in_one_line():
+    with pytest.raises(ConfigError, match=r"model.anchor = 'mean' \(''"):
+        Config().update({"model": {"anchor": "mean"}}).validate()
+    with pytest.raises(ConfigError, match=r"model.anchor = 'additive' needs codec.kind = 'scale'"):
+        Config().update({"model": {"anchor": "additive"}, "codec": {"kind": "latent"}}).validate()
