@@ -20,7 +20,8 @@ SETTINGS = {"model.hidden": 32, "model.depth": 1, "model.heads": 2, "model.cov_d
             "data.batch_sets": 4, "train.max_steps": 12, "train.val_every": 6, "train.warmup_steps": 3,
             "train.log_every": 1, "sample.steps": 4, "diffusion.process": "vp",
             # keys introduced after the fixtures were written, at the values that reproduce them (config.INTRODUCED)
-            "model.prior_dropout": 0.0, "model.continuous_dose": False}
+            "model.prior_dropout": 0.0, "model.continuous_dose": False,
+            "model.anchor": ""}
 PERTS = ["G0034", "G0027"]
 
 

@@ -107,3 +107,20 @@ def test_the_anchor_is_checked_in_one_line():
         Config().update({"model": {"anchor": "mean"}}).validate()
     with pytest.raises(ConfigError, match=r"model.anchor = 'additive' needs codec.kind = 'scale'"):
         Config().update({"model": {"anchor": "additive"}, "codec": {"kind": "latent"}}).validate()
+
+
+def test_auto_takes_the_baseline_nearest_the_validation_shifts():
+    adata, split = context_split()
+    anchor, scores = Anchor.choose(adata, KEYS, split)
+    assert set(scores) == {"knn", "train_mean", "linear"} and anchor.route == min(scores, key=scores.get)
+    # (B, g10) was trained in A: knn (additive there) carries A's shift, the same planted program, far nearer than
+    # the mean over every training perturbation of B
+    assert anchor.route == "knn" and scores["knn"] < 0.5 * scores["train_mean"]
+    no_val = Split(name="noval", pert_col=split.pert_col, control=split.control, context_cols=split.context_cols,
+                   train=split.train, val=[], test=split.test)
+    fallback, none = Anchor.choose(adata, KEYS, no_val)
+    assert fallback.route == "knn" and none == {}
+    model = PerturbDiff.from_config(anchor_config("auto"), adata, split)
+    assert model.summary["anchor"] == "knn" and model.summary["anchor_scores"] == pytest.approx(scores)
+    off = PerturbDiff.from_config(anchor_config(""), adata, split)
+    assert off.anchor is None and "anchor" not in off.summary

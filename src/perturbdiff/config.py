@@ -33,7 +33,8 @@ from perturbdiff._errors import ConfigError
 
 DEFAULT_PRESET = "small"  # what the command line trains when no preset is named
 #: keys added after runs were already written, with the value every run written before them used
-INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False}
+INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
+              "model.anchor": ""}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -83,8 +84,9 @@ class ModelConfig:
     continuous_dose: bool = True
     # a baseline every set's control stream is shifted by (model/_anchor.py): its predicted pseudobulk shift of the
     # set's condition, fitted on the training conditions other than that one, so the output (control mean + the
-    # network's residual) starts from the baseline: "" = none, or additive, knn, train_mean, linear
-    anchor: str = ""
+    # network's residual) starts from the baseline: "auto" = the one of knn, train_mean, linear nearest the validation
+    # conditions' measured shifts (none with a latent codec); "" = none; or additive, knn, train_mean, linear
+    anchor: str = "auto"
 
 
 @dataclass
@@ -303,7 +305,7 @@ class Config:
             problems.append("diffusion.beta_start must be below diffusion.beta_end")
         if self.sample.truncated_start_t >= self.diffusion.timesteps:
             problems.append("sample.truncated_start_t must be below diffusion.timesteps")
-        if self.model.anchor and self.codec.kind != "scale":
+        if self.model.anchor not in ("", "auto") and self.codec.kind != "scale":
             problems.append(f"model.anchor = {self.model.anchor!r} needs codec.kind = 'scale' (a shift in gene space)")
         if self.preset not in PRESETS:
             problems.append(f"preset {self.preset!r} (choose one of {', '.join(PRESETS)})")

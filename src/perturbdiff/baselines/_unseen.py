@@ -38,24 +38,31 @@ class KNNBaseline(AdditiveBaseline):
 
     def __init__(self, table: tuple[list[str], np.ndarray] | None = None, k: int = 5, unseen: str = "error") -> None:
         super().__init__(unseen)
-        if table is None:
-            from perturbdiff.data import knowledge_block
-
-            block = knowledge_block(dim=32, seed=0)
-            table = (block.labels, block.matrix)
-        labels, mat = table
-        mat = np.asarray(mat, np.float64)
-        self._where = {str(q): i for i, q in enumerate(labels)}
-        self._unit = mat / np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12)
+        self._table, self._index = table, None
         self.k = int(k)
+
+    def _embedding(self) -> tuple[dict[str, int], np.ndarray]:
+        """(label -> row, unit-norm rows) of the table, built at the first unseen part (the default reads HPO)."""
+        if self._index is None:
+            if self._table is None:
+                from perturbdiff.data import knowledge_block
+
+                block = knowledge_block(dim=32, seed=0)
+                self._table = (block.labels, block.matrix)
+            labels, mat = self._table
+            mat = np.asarray(mat, np.float64)
+            self._index = ({str(q): i for i, q in enumerate(labels)},
+                           mat / np.maximum(np.linalg.norm(mat, axis=1, keepdims=True), 1e-12))
+        return self._index
 
     def neighbours(self, part: str) -> dict[str, float]:
         """{trained single: weight} of ``part``'s nearest neighbours in the table (empty: none similar)."""
         st = self.state
-        singles = sorted({p for _, p in st.train_mean if p in self._where and "+" not in p})
-        if part not in self._where or not singles:
+        where, unit = self._embedding()
+        singles = sorted({p for _, p in st.train_mean if p in where and "+" not in p})
+        if part not in where or not singles:
             return {}
-        sim = self._unit[[self._where[p] for p in singles]] @ self._unit[self._where[part]]
+        sim = unit[[where[p] for p in singles]] @ unit[where[part]]
         top = np.argsort(-sim)[: self.k]
         return {singles[i]: float(sim[i]) for i in top if sim[i] > 0}
 

@@ -133,13 +133,20 @@ def _hpo_annotations() -> tuple[list[str], sp.csr_matrix]:
 
 
 def knowledge_block(*, dim: int, seed: int) -> PriorBlock:
-    """HPO-annotated genes embedded by a truncated SVD of their row-normalised TF-IDF term profiles."""
+    """HPO-annotated genes embedded by a truncated SVD of their row-normalised TF-IDF term profiles (computed once
+    per process for each (dim, seed); every call gets its own copy)."""
+    genes, mat = _knowledge(int(dim), int(seed))
+    return PriorBlock("knowledge", list(genes), mat.copy())
+
+
+@cache
+def _knowledge(dim: int, seed: int) -> tuple[list[str], np.ndarray]:
     genes, mat = _hpo_annotations()
     idf = np.log(mat.shape[0] / (1.0 + np.asarray(mat.sum(0)).ravel()))
     tfidf = as_csr(mat @ sp.diags(idf.astype(np.float32)))
     norms = np.sqrt(np.asarray(tfidf.multiply(tfidf).sum(1)).ravel())
     tfidf = sp.diags(1.0 / np.maximum(norms, 1e-12)) @ tfidf
-    return PriorBlock("knowledge", genes, _unit_rms(_top_svd(tfidf, dim, seed)))
+    return genes, _unit_rms(_top_svd(tfidf, dim, seed))
 
 
 # -- effect profiles --------------------------------------------------------------------------------------------

@@ -111,7 +111,8 @@ class PerturbDiff(Run):
                    "seen_perturbations": seen, "prior_blocks": prior_summary(blocks)}
         anchor, scores = None, {}
         if cfg.model.anchor == "auto":
-            anchor, scores = Anchor.choose(adata, keys, split)
+            if cfg.codec.kind == "scale":  # a latent run has no gene-space shift to add
+                anchor, scores = Anchor.choose(adata, keys, split)
         elif cfg.model.anchor:
             anchor = Anchor.fit(cfg.model.anchor, adata, keys, split.train)
         if anchor is not None:
