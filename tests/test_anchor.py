@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.test_priors import KEYS, _response, program_data
 
 from perturbdiff import ConfigError, PerturbDiff
 from perturbdiff.baselines import make_baseline
 from perturbdiff.config import Config
 from perturbdiff.data import CellSetDataset, CellSetIndex, Split, Vocab
 from perturbdiff.model._anchor import Anchor
-from tests.test_priors import KEYS, _response, program_data
 
 
 def context_split() -> tuple:
