@@ -3,12 +3,14 @@ condition, recorded in the checkpoint."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from tests.test_priors import KEYS, _response, program_data
 
-from perturbdiff import ConfigError, PerturbDiff
+from perturbdiff import CheckpointError, ConfigError, PerturbDiff
 from perturbdiff.baselines import make_baseline
 from perturbdiff.config import Config
 from perturbdiff.data import CellSetDataset, CellSetIndex, Split, Vocab
@@ -85,6 +87,10 @@ def test_an_anchored_run_starts_from_the_baseline_and_reloads_its_anchor(tmp_pat
         return np.asarray(m.predict([cond], n_cells=64, include_controls=False, progress=False, seed=5).X.todense())
 
     np.testing.assert_array_equal(cells(loaded), cells(model))
+    pred = loaded.predict([cond], n_cells=4, include_controls=False, progress=False)
+    assert json.loads(pred.uns["perturbdiff"]["run"])["anchor"] == "additive"
+    with pytest.raises(CheckpointError, match="holds no matching anchor.shifts tensor"):
+        Anchor.from_meta(model.anchor.to_meta(), {}, KEYS, model.genes)
     from perturbdiff.cli import main
 
     assert main(["info", str(tmp_path)]) == 0

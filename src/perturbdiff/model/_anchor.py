@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from perturbdiff._config_rules import AUTO_ANCHORS
+from perturbdiff._errors import CheckpointError
 from perturbdiff._logging import logger
 from perturbdiff.baselines import make_baseline
 from perturbdiff.data import Condition, DataKeys, condition_codes, group_means, training_means
@@ -109,5 +110,8 @@ class Anchor:
         if not meta:
             return None
         conds = [(tuple(map(str, c)), str(p)) for c, p in meta["conditions"]]
+        if "anchor.shifts" not in tensors or tuple(tensors["anchor.shifts"].shape) != (len(conds), len(genes)):
+            raise CheckpointError(f"the checkpoint records a {meta['route']} anchor over {len(conds)} conditions but "
+                                  "holds no matching anchor.shifts tensor: it is damaged or was edited")
         shifts = tensors["anchor.shifts"].numpy().astype(np.float32)
         return cls(str(meta["route"]), keys, [str(g) for g in genes], conds, shifts)
