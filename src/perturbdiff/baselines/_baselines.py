@@ -94,6 +94,7 @@ class Baseline:
         if unseen not in self.UNSEEN:
             raise ConfigError(f"unseen must be 'error' or 'zero', got {unseen!r}")
         self.unseen = unseen  # a perturbation none of whose parts was trained: DataError, or no effect
+        self.verbose = True  # log the unseen parts taken as no effect
         self._fit: _Fitted | None = None
 
     def fit(self, adata_prep: AnnData, split: Split, keys: DataKeys | None = None) -> Baseline:
@@ -122,7 +123,7 @@ class Baseline:
         st, cond = self.state, (ctx, pert)
         if cond not in st.train_mean:
             return self.delta(ctx, pert)
-        kept_mean, kept_n = st.train_mean, st.train_n
+        kept_mean, kept_n, fitted = st.train_mean, st.train_n, dict(vars(self))  # what _after_fit derived, too
         st.train_mean = {c: v for c, v in kept_mean.items() if c != cond}
         st.train_n = {c: v for c, v in kept_n.items() if c != cond}
         try:
@@ -130,7 +131,7 @@ class Baseline:
             return self.delta(ctx, pert)
         finally:
             st.train_mean, st.train_n = kept_mean, kept_n
-            self._after_fit()
+            vars(self).update(fitted)
 
     @property
     def state(self) -> _Fitted:
@@ -192,7 +193,7 @@ class Baseline:
                 f"({', '.join(repr(m) for m in missing)}); {self.name} baseline cannot predict it "
                 "(unseen='zero' predicts no effect)"
             )
-        if missing:
+        if missing and self.verbose:
             logger.info(f"{self.name}: {', '.join(missing)} of {pert!r} unseen in training, taken as no effect")
         return [p for p in parts if known(p)]
 

@@ -22,7 +22,7 @@ _WHERE = {
     "align_genes": "_preprocess", "MODEL_SCALE": "_preprocess",
     "read_embedding_table": "_embeddings", "align_table": "_embeddings",
     "label": "_split", "labels": "_split", "training_mask": "_split", "training_means": "_split",
-    "condition_codes": "_split", "obs_codes": "_split",
+    "condition_shifts": "_split", "condition_codes": "_split", "obs_codes": "_split",
     "unseen_error": "_vocab", "UNKNOWN": "_vocab", "PAD": "_vocab",
     "MarginalSetDataset": "_marginal", "gene_vocabulary": "_marginal", "gene_masks": "_marginal",
     "CONTEXT_SEP": "_marginal",

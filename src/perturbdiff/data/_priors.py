@@ -201,15 +201,11 @@ def effects_block(shifts: dict[str, np.ndarray], parts_of: dict[str, list[str]],
 def training_shifts(adata, keys, train: Sequence) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """({label: its pseudobulk shift from its context's controls, averaged over the contexts it was trained in},
     {label: its parts}) over the training conditions ``train`` (log1p rows)."""
-    from perturbdiff.data._split import pert_parts, training_means
+    from perturbdiff.data._split import condition_shifts, pert_parts
 
-    train = {(tuple(map(str, c)), str(p)) for c, p in train}
-    _, conds, means = training_means(adata, keys, train)
-    ctrl = {c: means[k] for k, (c, p) in enumerate(conds) if p == keys.control_value}
     per: dict[str, list[np.ndarray]] = {}
-    for k, (c, p) in enumerate(conds):
-        if (c, p) in train and p != keys.control_value and c in ctrl:
-            per.setdefault(p, []).append(means[k] - ctrl[c])
+    for (_, p), shift in condition_shifts(adata, keys, train).items():
+        per.setdefault(p, []).append(shift)
     shifts = {p: np.mean(v, axis=0) for p, v in sorted(per.items())}
     return shifts, {p: [q for q in pert_parts(p) if q != keys.control_value] for p in shifts}
 

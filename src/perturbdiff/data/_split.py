@@ -252,3 +252,13 @@ def training_means(adata, keys: DataKeys, train) -> tuple[np.ndarray, list[Condi
     train = set(train)
     keep = np.array([c in train or c[1] == keys.control_value for c in conds], dtype=bool)
     return codes, conds, group_means(adata.X, np.where(keep[codes], codes, -1), len(conds))
+
+
+def condition_shifts(adata, keys: DataKeys, conditions) -> dict[Condition, np.ndarray]:
+    """{condition: its pseudobulk minus its context's control pseudobulk} (log1p, [G] float64) for each of
+    ``conditions`` present with control cells in its context, in the data's order (one pass: training_means)."""
+    wanted = {(tuple(map(str, c)), str(p)) for c, p in conditions}
+    _, conds, means = training_means(adata, keys, wanted)
+    ctrl = {c: means[k] for k, (c, p) in enumerate(conds) if p == keys.control_value}
+    return {c: means[k] - ctrl[c[0]] for k, c in enumerate(conds)
+            if c in wanted and c[1] != keys.control_value and c[0] in ctrl}

@@ -12,7 +12,6 @@ a loaded run anchors new conditions and its user's own controls the same way; co
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +20,8 @@ import torch
 
 from perturbdiff._config_rules import AUTO_ANCHORS
 from perturbdiff._errors import CheckpointError
-from perturbdiff._logging import logger
 from perturbdiff.baselines import make_baseline
-from perturbdiff.data import Condition, DataKeys, condition_codes, group_means, training_means
+from perturbdiff.data import Condition, DataKeys, condition_shifts
 
 FALLBACK = "knn"  # model.anchor = "auto" without validation conditions to choose on
 
@@ -42,12 +40,9 @@ class Anchor:
     @classmethod
     def fit(cls, route: str, adata, keys: DataKeys, train) -> Anchor:
         """The training conditions' shifts from ``adata`` (log1p; a store is read in blocks)."""
-        train = {(tuple(map(str, c)), str(p)) for c, p in train}
-        _, conds, means = training_means(adata, keys, train)
-        ctrl = {c: means[k] for k, (c, p) in enumerate(conds) if p == keys.control_value}
-        kept = [(k, c) for k, c in enumerate(conds) if c in train and c[1] != keys.control_value and c[0] in ctrl]
-        shifts = np.stack([means[k] - ctrl[c[0]] for k, c in kept]) if kept else np.zeros((0, adata.n_vars))
-        return cls(route, keys, [str(g) for g in adata.var_names], [c for _, c in kept], shifts.astype(np.float32))
+        shifts = condition_shifts(adata, keys, train)
+        table = np.stack(list(shifts.values())) if shifts else np.zeros((0, adata.n_vars))
+        return cls(route, keys, [str(g) for g in adata.var_names], list(shifts), table.astype(np.float32))
 
     @classmethod
     def choose(cls, adata, keys: DataKeys, split) -> tuple[Anchor, dict[str, float]]:
@@ -56,17 +51,10 @@ class Anchor:
         without validation conditions (or their controls), knn and no scores. Additive is not a candidate: knn is
         additive wherever a part was trained, and places the others among their neighbours."""
         anchor = cls.fit(FALLBACK, adata, keys, split.train)
-        codes, conds = condition_codes(adata, keys)
-        where = {c: k for k, c in enumerate(conds)}
-        ctrl = {c: k for k, c in enumerate(conds) if c[1] == keys.control_value}
-        val = [(tuple(map(str, c)), str(p)) for c, p in split.val]
-        val = [c for c in val if c in where and (c[0], keys.control_value) in where]
-        if not val:
+        measured = condition_shifts(adata, keys, split.val)
+        if not measured:
             return anchor, {}
-        wanted = np.zeros(len(conds), bool)
-        wanted[[where[c] for c in val] + list(ctrl.values())] = True
-        means = group_means(adata.X, np.where(wanted[codes], codes, -1), len(conds))
-        real = np.stack([means[where[c]] - means[where[(c[0], keys.control_value)]] for c in val])  # (V, G)
+        real, val = np.stack(list(measured.values())), list(measured)  # (V, G)
         scores = {}
         for route in AUTO_ANCHORS:
             candidate = dataclasses.replace(anchor, route=route, _baseline=None)
@@ -79,19 +67,15 @@ class Anchor:
         if self._baseline is None:
             table = {c: self.shifts[k] for k, c in enumerate(self.conditions)}
             self._baseline = make_baseline(self.route, unseen="zero").fit_shifts(self.keys, self.genes, table)
+            self._baseline.verbose = False  # no "unseen, taken as no effect" line per condition and part
         return self._baseline
 
     def shift(self, conditions) -> np.ndarray:
         """[n, G] log1p shift of each condition, each predicted without itself; zero for control conditions."""
         out = np.zeros((len(conditions), len(self.genes)), np.float32)
-        quiet = logger.level
-        logger.setLevel(max(quiet, logging.WARNING))  # per-part "unseen, taken as no effect" lines, once per condition
-        try:
-            for i, (ctx, pert) in enumerate(conditions):
-                if pert != self.keys.control_value:
-                    out[i] = self.baseline.delta_left_out(tuple(map(str, ctx)), str(pert))
-        finally:
-            logger.setLevel(quiet)
+        for i, (ctx, pert) in enumerate(conditions):
+            if pert != self.keys.control_value:
+                out[i] = self.baseline.delta_left_out(tuple(map(str, ctx)), str(pert))
         return out
 
     def offsets(self, conditions, codec) -> np.ndarray:

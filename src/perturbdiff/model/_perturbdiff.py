@@ -130,6 +130,9 @@ class PerturbDiff(Run):
     def _extra_tensors(self) -> dict[str, torch.Tensor]:
         return {**super()._extra_tensors(), **(self.anchor.tensors() if self.anchor else {})}
 
+    def card(self) -> dict[str, Any]:
+        return {**super().card(), **({"anchor": self.anchor.route} if self.anchor else {})}
+
     def _offsets(self, conds: Sequence[Condition]) -> np.ndarray | None:
         """Each condition's anchor shift in model space [n, G] (None without an anchor)."""
         return None if self.anchor is None else self.anchor.offsets(conds, self.codec)

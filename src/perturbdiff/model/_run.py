@@ -140,8 +140,6 @@ class Run:
                 "max_steps": self.cfg.train.max_steps, "codec": self.codec.kind}
         if self.codec.kind == "latent":
             card["latent_dim"] = self.codec.dim
-        if getattr(self, "anchor", None) is not None:
-            card["anchor"] = self.anchor.route
         card.update({k: state[k] for k in ("step", "best_step") if state.get(k) is not None})
         return card
 
