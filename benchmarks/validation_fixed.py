@@ -73,7 +73,8 @@ def main() -> None:
     print(f"| split | tag | seeds | val ED at {args.cells} cells | val pearson_delta |")
     print("|---|---|---|---|---|")
     for tag in args.tags.split(","):
-        runs = sorted((Path(args.work) / args.split / tag).glob("seed*/run"))
+        done = (Path(args.work) / args.split / tag).glob("seed*/result.json")  # finished runs only
+        runs = sorted(r.parent / "run" for r in done)
         rows = [scores(run, prep, split, keys, args.cells) for run in runs]
         if rows:
             print(f"| {args.split} | {tag} | {len(rows)} | {fmt([r['ed'] for r in rows])} | "

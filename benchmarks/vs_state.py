@@ -172,7 +172,8 @@ def main() -> None:
     ap.add_argument("--split", default="kang_celltype")
     ap.add_argument("--state-venv", required=True, type=Path, help="the venv holding arc-state 0.11.1")
     ap.add_argument("--steps", default="default",
-                    help="PerturbDiff budgets to run, comma-separated (default = the config's own, 5,000 for small)")
+                    help="PerturbDiff budgets to run, comma-separated (default = the default configuration's own: "
+                         "5,000 steps of preset tiny)")
     ap.add_argument("--state-steps", type=int, default=2000, help="STATE's max_steps (PEERS.md: 2,000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="bench_work", type=Path)
