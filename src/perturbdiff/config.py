@@ -31,7 +31,7 @@ from perturbdiff._config_rules import (  # the kinds and choices are part of the
 )
 from perturbdiff._errors import ConfigError
 
-DEFAULT_PRESET = "small"  # what the command line trains when no preset is named
+DEFAULT_PRESET = "tiny"  # what the command line trains when no preset is named (docs/BENCHMARKS.md: "The default size")
 #: keys added after runs were already written, with the value every run written before them used
 INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
               "model.anchor": ""}
@@ -274,8 +274,8 @@ class Config:
 
     @classmethod
     def default(cls) -> Config:
-        """The default configuration of the command line and of the demo: the ``small`` preset. (``Config()`` holds
-        the ``base`` preset's values, the authors' configuration.)"""
+        """The default configuration of the command line: the ``tiny`` preset (the demo takes it with fewer steps).
+        (``Config()`` holds the ``base`` preset's values, the authors' configuration.)"""
         return cls.from_preset(DEFAULT_PRESET)
 
     def _set(self, dotted: str, value: Any) -> None:
@@ -339,10 +339,11 @@ class Config:
 
 # Named size presets (STYLE §5). Parameter counts at G = 2000 genes are listed in docs/PERFORMANCE.md.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
+    "tiny": {  # ≈ 0.9 M parameters at 2,000 genes; the default: with the anchor, as good on validation as small at a
+        # quarter of its time (docs/BENCHMARKS.md, "The default size")
         "model": {"hidden": 64, "depth": 2, "heads": 4, "cov_dim": 32},
         "data": {"set_size": 32, "batch_sets": 8},
-        "train": {"lr": 2e-3, "max_steps": 400, "val_every": 200, "warmup_steps": 50, "ema_decay": 0.99,
+        "train": {"lr": 2e-3, "max_steps": 5000, "val_every": 500, "warmup_steps": 50, "ema_decay": 0.99,
                   "ema_every": 1},
     },
     "small": {  # ≈ 4 M parameters at 2,000 genes: trains in minutes on a laptop CPU

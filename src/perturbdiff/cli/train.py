@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def add_config_arguments(p: argparse.ArgumentParser, *, training: bool = True) -> None:
     """The flags every training command shares (train, pretrain, finetune; ``config`` takes the first six)."""
     p.add_argument("--config", help="TOML file with any hyper-parameters (sections data/model/diffusion/train)")
-    p.add_argument("--preset", choices=list(PRESETS), help="model size preset (default: small, or the config's)")
+    p.add_argument("--preset", choices=list(PRESETS), help="model size preset (default: tiny, or the config's)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
     p.add_argument("--seed", type=int, help="random seed (overrides the config)")
     p.add_argument("--codec", choices=CODEC_KINDS,
