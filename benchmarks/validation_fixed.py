@@ -14,7 +14,6 @@ conditions are touched, so the table can choose a default. Mean ± sd over seeds
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_benchmark import SHARED, prepare  # noqa: E402
+from validation_table import fmt  # noqa: E402
 
 
 def scores(run: Path, prep, split, keys, n_max: int, seed: int = 0) -> dict[str, float]:
@@ -53,12 +53,6 @@ def scores(run: Path, prep, split, keys, n_max: int, seed: int = 0) -> dict[str,
         eds.append(float(energy_distance(torch.from_numpy(p)[None], torch.from_numpy(r)[None])[0]))
         rs.append(pearson(p.mean(0), r.mean(0), c))
     return {"ed": float(np.mean(eds)), "pearson_delta": float(np.nanmean(rs))}
-
-
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
