@@ -339,8 +339,8 @@ class Config:
 
 # Named size presets (STYLE §5). Parameter counts at G = 2000 genes are listed in docs/PERFORMANCE.md.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {  # ≈ 0.9 M parameters at 2,000 genes; the default: with the anchor, within a few per cent of small on
-        # validation (ahead on two shared splits, behind on two) in a quarter of its time (docs/BENCHMARKS.md)
+    "tiny": {  # ≈ 0.9 M parameters at 2,000 genes; the default, chosen for time: with the anchor it is ahead of small
+        # 2k on validation on 3 shared splits of 4, behind small 5k on 3 of 4 (6-25 %), at <= 1/4 of its time
         "model": {"hidden": 64, "depth": 2, "heads": 4, "cov_dim": 32},
         "data": {"set_size": 32, "batch_sets": 8},
         "train": {"lr": 2e-3, "max_steps": 5000, "val_every": 500, "warmup_steps": 50, "ema_decay": 0.99,
