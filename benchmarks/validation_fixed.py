@@ -27,29 +27,27 @@ from validation_table import fmt  # noqa: E402
 
 def scores(run: Path, prep, split, keys, n_max: int, seed: int = 0) -> dict[str, float]:
     from perturbdiff import PerturbDiff
-    from perturbdiff.data import condition_codes
+    from perturbdiff.data import as_csr, condition_codes, row_mean
     from perturbdiff.diffusion import energy_distance
     from perturbdiff.evaluate import metric
 
     model = PerturbDiff.load(run, adata=prep, which="best")
     code, present = condition_codes(prep, keys)
-    ctx_col = split.context_cols[0]
     rng = np.random.default_rng(seed)
     real, ctrl = [], []
     for ctx, pert in split.val:
         rows = np.flatnonzero(code == present.index((ctx, pert)))
         rows = np.sort(rng.choice(rows, size=min(n_max, len(rows)), replace=False))
-        real.append(np.asarray(prep.X[rows].todense() if hasattr(prep.X, "todense") else prep.X[rows], np.float32))
-        pool = ((prep.obs[split.pert_col] == split.control) & (prep.obs[ctx_col] == ctx[0])).to_numpy()
-        ctrl.append(np.asarray(prep.X[pool].mean(0)).ravel())
+        real.append(as_csr(prep.X[rows]).toarray())
+        ctrl.append(row_mean(prep.X, np.flatnonzero(code == present.index((ctx, split.control)))))
     pred = model.predict(split.val, n_cells=[len(r) for r in real], seed=seed, progress=False,
                          include_controls=False, unknown_perturbations="generic")
-    X = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
+    pred_code, pred_present = condition_codes(pred, keys)
+    X = as_csr(pred.X).toarray()
     pearson = metric("pearson_delta").compute
     eds, rs = [], []
-    for (ctx, pert), r, c in zip(split.val, real, ctrl):
-        m = ((pred.obs[split.pert_col] == pert) & (pred.obs[ctx_col] == ctx[0])).to_numpy()
-        p = X[m].astype(np.float32)
+    for cond, r, c in zip(split.val, real, ctrl):
+        p = X[pred_code == pred_present.index(cond)]
         eds.append(float(energy_distance(torch.from_numpy(p)[None], torch.from_numpy(r)[None])[0]))
         rs.append(pearson(p.mean(0), r.mean(0), c))
     return {"ed": float(np.mean(eds)), "pearson_delta": float(np.nanmean(rs))}
