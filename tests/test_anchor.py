@@ -130,3 +130,70 @@ def test_auto_takes_the_baseline_nearest_the_validation_shifts():
     assert model.summary["anchor"] == "knn" and model.summary["anchor_scores"] == pytest.approx(scores)
     off = PerturbDiff.from_config(anchor_config(""), adata, split)
     assert off.anchor is None and "anchor" not in off.summary
+
+
+def test_left_out_parts_take_every_condition_that_holds_them():
+    genes = [f"g{i}" for i in range(4)]
+    table = {(("A",), "x"): [1.0, 0, 0, 0], (("A",), "y"): [0, 2.0, 0, 0], (("A",), "x+y"): [1.0, 2.0, 3.0, 0],
+             (("B",), "x"): [0, 0, 0, 4.0]}
+    additive = make_baseline("additive", unseen="zero").fit_shifts(KEYS, genes, table)
+    additive.verbose = False
+    # the double without itself: the sum of its trained singles; without part x too: y alone
+    np.testing.assert_allclose(additive.delta_left_out(("A",), "x+y"), [1.0, 2.0, 0, 0])
+    np.testing.assert_allclose(additive.delta_left_out(("A",), "x+y", ("x",)), [0, 2.0, 0, 0])
+    # a single without its own part: (B, x) goes too, so x is unseen everywhere: no effect
+    np.testing.assert_allclose(additive.delta_left_out(("A",), "x", ("x",)), [0, 0, 0, 0])
+    np.testing.assert_allclose(additive.delta_left_out(("A",), "x"), [0, 0, 0, 4.0])  # B's x, as before
+    assert not additive.delta_left_out(("A",), "x+y", ("x", "y")).any()  # nothing left: no effect
+    assert len(additive.state.train_mean) == 4  # the fitted table is restored
+    # linear refits without them: the same as a linear baseline that never saw part x
+    adata, split = context_split()
+    linear = Anchor.fit("linear", adata, KEYS, split.train)
+    kept = Split(name="no-g3", pert_col=split.pert_col, control=split.control, context_cols=split.context_cols,
+                 train=[c for c in split.train if c[1] != "g3"], val=[], test=split.test)
+    never = make_baseline("linear", unseen="zero").fit(adata, kept, KEYS)
+    np.testing.assert_allclose(linear.shift([(("A",), "g3")], without=[("g3",)])[0], never.delta(("A",), "g3"),
+                               atol=1e-4)
+
+
+def test_part_dropout_in_the_data_takes_the_anchor_with_it():
+    adata, split = context_split()
+    index = CellSetIndex.build(adata, KEYS, split.train)
+    vocab = Vocab.build(adata, KEYS, split.train)
+    offsets = np.random.default_rng(0).normal(size=(index.n_units, adata.n_vars)).astype(np.float32)
+
+    def part_shift(cond, parts):  # a shift that names the condition and its dropped parts
+        assert parts == (cond[1],)
+        return np.full(adata.n_vars, 100.0 + vocab.pert.index(cond[1]), np.float32)
+
+    kw = {"set_size": 16, "seed": 3, "control_set_fraction": 0.25, "offsets": offsets}
+    plain = CellSetDataset(adata, index, vocab, **kw)
+    dropped = CellSetDataset(adata, index, vocab, part_dropout=0.5, part_shift=part_shift, **kw)
+    items = list(range(len(plain)))
+    a, b = plain.__getitems__(items).batched, dropped.__getitems__(items).batched
+    torch.testing.assert_close(a["target"], b["target"])  # the same sets: the dropout is drawn after them
+    row = dropped._cov_row[items]
+    gone = (b["pert"] == 2).any(1).numpy()
+    assert (row[gone] < index.n_units).all()  # control->control sets keep their control label
+    assert 0.35 < gone[row < index.n_units].mean() < 0.65
+    torch.testing.assert_close(b["pert"][~gone], a["pert"][~gone])
+    torch.testing.assert_close(b["control"][~gone], a["control"][~gone])
+    names = [vocab.pert[int(p)] for p in a["pert"][gone, 0]]
+    shift = torch.tensor([100.0 + vocab.pert.index(n) for n in names])[:, None, None]
+    torch.testing.assert_close(b["control"][gone], a["control"][gone] - torch.from_numpy(offsets[row[gone]])[:, None]
+                               + shift)
+    again = CellSetDataset(adata, index, vocab, part_dropout=0.5, part_shift=part_shift, **kw)
+    again.set_epoch(4), dropped.set_epoch(4)
+    np.testing.assert_array_equal(again._dropped, dropped._dropped)  # drawn from (seed, epoch): resume is exact
+
+
+def test_an_anchor_unseen_run_drops_parts_in_the_data_only(tmp_path):
+    adata, split = context_split()
+    cfg = anchor_config("additive", model={"anchor": "additive", "anchor_unseen": True, "pert_dropout": 0.3})
+    model = PerturbDiff.from_config(cfg, adata, split)
+    assert model.network.cov_encoder.pert_dropout == 0.0  # the data draws it, with the anchor
+    model.train(out_dir=tmp_path, progress=False, device="cpu")
+    loaded = PerturbDiff.load(tmp_path, adata=adata)
+    assert loaded.cfg.model.anchor_unseen and loaded.network.cov_encoder.pert_dropout == 0.0
+    with pytest.raises(ConfigError, match=r"model.anchor_unseen = true needs an anchor"):
+        Config().update({"model": {"anchor": "", "anchor_unseen": True}}).validate()

@@ -34,7 +34,7 @@ from perturbdiff._errors import ConfigError
 DEFAULT_PRESET = "tiny"  # what the command line trains when no preset is named (docs/BENCHMARKS.md: "The default size")
 #: keys added after runs were already written, with the value every run written before them used
 INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
-              "model.anchor": ""}
+              "model.anchor": "", "model.anchor_unseen": False}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -87,6 +87,10 @@ class ModelConfig:
     # network's residual) starts from the baseline: "auto" = the one of knn, train_mean, linear nearest the validation
     # conditions' measured shifts (none with a latent codec); "" = none; or additive, knn, train_mean, linear
     anchor: str = "auto"
+    # part dropout (pert_dropout) drawn per set by the data instead of the network, and a dropped part takes the
+    # anchor with it: that set is anchored as if the part had never been perturbed (every training condition that
+    # holds it left out), so the generic token learns the error the anchor carries for a part never seen
+    anchor_unseen: bool = False
 
 
 @dataclass
@@ -305,6 +309,8 @@ class Config:
             problems.append("diffusion.beta_start must be below diffusion.beta_end")
         if self.sample.truncated_start_t >= self.diffusion.timesteps:
             problems.append("sample.truncated_start_t must be below diffusion.timesteps")
+        if self.model.anchor_unseen and not self.model.anchor:
+            problems.append("model.anchor_unseen = true needs an anchor (model.anchor)")
         if self.model.anchor not in ("", "auto") and self.codec.kind != "scale":
             problems.append(f"model.anchor = {self.model.anchor!r} needs codec.kind = 'scale' (a shift in gene space)")
         if self.preset not in PRESETS:

@@ -7,7 +7,7 @@ cells: the context's sampled control cells plus the predicted shift, clipped at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,15 +117,19 @@ class Baseline:
         self._after_fit()
         return self
 
-    def delta_left_out(self, ctx: Context, pert: str) -> np.ndarray:
+    def delta_left_out(self, ctx: Context, pert: str, parts: Sequence[str] = ()) -> np.ndarray:
         """``delta(ctx, pert)`` as if that condition had not been trained on (refitted without it), so a training
-        condition gets the shift the baseline would predict for it unseen."""
-        st, cond = self.state, (ctx, pert)
-        if cond not in st.train_mean:
+        condition gets the shift the baseline would predict for it unseen; with ``parts``, also without every
+        training condition holding one of them (in any context), as if those parts had never been perturbed."""
+        st, cond, drop = self.state, (ctx, pert), set(parts)
+        gone = {c for c in st.train_mean if c == cond or (drop and drop.intersection(pert_parts(c[1])))}
+        if not gone:
             return self.delta(ctx, pert)
+        if len(gone) == len(st.train_mean):
+            return np.zeros(len(st.genes))  # nothing left to learn from: no effect
         kept_mean, kept_n, fitted = st.train_mean, st.train_n, dict(vars(self))  # what _after_fit derived, too
-        st.train_mean = {c: v for c, v in kept_mean.items() if c != cond}
-        st.train_n = {c: v for c, v in kept_n.items() if c != cond}
+        st.train_mean = {c: v for c, v in kept_mean.items() if c not in gone}
+        st.train_n = {c: v for c, v in kept_n.items() if c not in gone}
         try:
             self._after_fit()
             return self.delta(ctx, pert)

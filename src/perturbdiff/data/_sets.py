@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -230,7 +230,11 @@ def _control_sets(rng, pools: list[np.ndarray], src: np.ndarray, S: int) -> tupl
 
 class CellSetDataset(Dataset):
     """Sets of S cells of one condition unit + matched control sets, reshuffled from (seed, epoch); ``offsets``
-    [units, width] (model space) shift each unit's control sets (the anchor), control->control sets unshifted."""
+    [units, width] (model space) shift each unit's control sets (the anchor), control->control sets unshifted.
+
+    ``part_dropout``: each perturbation part of a set becomes the generic token with this probability (drawn per
+    epoch, so resume is exact), and with ``part_shift(condition, dropped parts) -> [width]`` the set's control stream
+    takes that shift instead of its unit's offset: the anchor of the condition as if those parts were never seen."""
 
     def __init__(
         self,
@@ -243,6 +247,8 @@ class CellSetDataset(Dataset):
         control_set_fraction: float = 0.0,
         codec: ScaleCodec | None = None,
         offsets: np.ndarray | None = None,
+        part_dropout: float = 0.0,
+        part_shift: Callable[[Condition, tuple[str, ...]], np.ndarray] | None = None,
     ):
         if adata.n_obs != index.n_obs:
             raise DataError(f"the AnnData has {adata.n_obs} cells but the index was built on {index.n_obs}")
@@ -265,7 +271,26 @@ class CellSetDataset(Dataset):
                 raise DataError(f"offsets must be [units, width] = [{index.n_units}, "
                                 f"{self.codec.width(self.X.shape[1])}], got {list(offsets.shape)}")
             self._offsets = np.concatenate([offsets, np.zeros((index.n_own_pools, offsets.shape[1]), np.float32)])
+        self.part_dropout = float(part_dropout)
+        self._dropped = None  # bit mask over pert positions per set (part_dropout)
+        self._part_offsets = None if part_shift is None or self._offsets is None else self._masked_offsets(
+            vocab, part_shift)
         self.set_epoch(0)
+
+    def _masked_offsets(self, vocab: Vocab, part_shift) -> np.ndarray:
+        """[covariate rows, 2^P, width]: the offset of each row with the parts of bit mask m dropped (m = 0: its
+        own offset); masks naming a padding position are never drawn and keep the row's offset."""
+        pert, n_units = self._cov["pert"], self.index.n_units
+        P = pert.shape[1]
+        out = np.repeat(self._offsets[:, None, :], 2**P, axis=1)
+        for u in range(n_units):
+            cond = self.index.conditions[self.index.unit_cond[u]]
+            real = [j for j in range(P) if pert[u, j] > 2]
+            for m in range(1, 2**P):
+                bits = [j for j in range(P) if m >> j & 1]
+                if bits and set(bits) <= set(real):
+                    out[u, m] = part_shift(cond, tuple(vocab.pert[pert[u, j]] for j in bits))
+        return out
 
     def _encode_all(self) -> np.ndarray:
         """Model-space rows [n_obs, D] of every cell a set can draw (training units, control pools; others 0)."""
@@ -302,6 +327,10 @@ class CellSetDataset(Dataset):
         self._control = np.concatenate([ctrl, c_ctrl])[order].astype(dt)  # (n_sets, S)
         self._pad = np.concatenate([pad, c_pad])[order]  # (n_sets, S)
         self._cov_row = np.concatenate([unit, ix.n_units + src])[order]  # (n_sets,)
+        if self.part_dropout > 0.0:  # drawn last, so the sets are the same with or without it
+            pert = self._cov["pert"][self._cov_row]  # (n_sets, P)
+            drop = (rng.random(pert.shape) < self.part_dropout) & (pert > 2)
+            self._dropped = (drop << np.arange(pert.shape[1])).sum(1)  # (n_sets,)
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -317,6 +346,10 @@ class CellSetDataset(Dataset):
         B, S, G = len(idx), self.set_size, self.codec.width(self.X.shape[1])
         r = self._cov_row[idx]
         ints = {k: v[r] for k, v in self._cov.items()}  # pert [B, P], context [B, C], batch/dose/cond [B]
+        masks = None if self._dropped is None else self._dropped[idx]  # (B,)
+        if masks is not None:  # part dropout: the dropped parts become the generic token 2
+            bits = (masks[:, None] >> np.arange(ints["pert"].shape[1])) & 1
+            ints["pert"] = np.where(bits == 1, 2, ints["pert"])
         n_x, n_int = 2 * B * S * G * 4, sum(v.size for v in ints.values()) * 8
         buf = torch.empty(n_x + n_int + B * S, dtype=torch.uint8)
         x = buf[:n_x].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
@@ -327,7 +360,9 @@ class CellSetDataset(Dataset):
         else:
             self.X[rows].toarray(out=out)
             self.codec.to_model(out, out=out)
-        if self._offsets is not None:  # the anchor: each control set shifted by its condition's baseline shift
+        if self._part_offsets is not None:  # the anchor, as if each set's dropped parts were never seen
+            x[1].numpy()[...] += self._part_offsets[r, masks if masks is not None else 0][:, None, :]
+        elif self._offsets is not None:  # the anchor: each control set shifted by its condition's baseline shift
             x[1].numpy()[...] += self._offsets[r][:, None, :]
         batched = {"target": x[0], "control": x[1]}
         offset = n_x

@@ -70,17 +70,20 @@ class Anchor:
             self._baseline.verbose = False  # no "unseen, taken as no effect" line per condition and part
         return self._baseline
 
-    def shift(self, conditions) -> np.ndarray:
-        """[n, G] log1p shift of each condition, each predicted without itself; zero for control conditions."""
+    def shift(self, conditions, without=None) -> np.ndarray:
+        """[n, G] log1p shift of each condition, each predicted without itself (and, given ``without[i]``, without
+        every training condition holding one of those parts: as if they had never been perturbed); zero for
+        control conditions."""
         out = np.zeros((len(conditions), len(self.genes)), np.float32)
         for i, (ctx, pert) in enumerate(conditions):
             if pert != self.keys.control_value:
-                out[i] = self.baseline.delta_left_out(tuple(map(str, ctx)), str(pert))
+                parts = () if without is None else tuple(without[i])
+                out[i] = self.baseline.delta_left_out(tuple(map(str, ctx)), str(pert), parts)
         return out
 
-    def offsets(self, conditions, codec) -> np.ndarray:
+    def offsets(self, conditions, codec, without=None) -> np.ndarray:
         """The shifts in the codec's model space [n, G] (a scale codec: log1p / scale)."""
-        return codec.to_model(self.shift(conditions))
+        return codec.to_model(self.shift(conditions, without))
 
     # -- persistence -----------------------------------------------------------------------------------------
     def to_meta(self) -> dict[str, Any]:

@@ -137,6 +137,10 @@ class PerturbDiff(Run):
         """Each condition's anchor shift in model space [n, G] (None without an anchor)."""
         return None if self.anchor is None else self.anchor.offsets(conds, self.codec)
 
+    def _part_shift(self, cond: Condition, parts: tuple[str, ...]) -> np.ndarray:
+        """The anchor of ``cond`` in model space as if ``parts`` had never been perturbed (``model.anchor_unseen``)."""
+        return self.anchor.offsets([cond], self.codec, without=[parts])[0]
+
     @classmethod
     def _from_meta(cls, cfg, meta, vocab, codec, tensors, *, adata: AnnData | None = None) -> PerturbDiff:
         table = tensors.get("ema.cov_encoder.pert_table")
@@ -166,9 +170,11 @@ class PerturbDiff(Run):
         index = CellSetIndex.build(self.adata, self.keys, self.split.train, fraction=cfg.data.fraction,
                                    seed=cfg.train.seed)
         units = None if self.anchor is None else self._offsets([index.conditions[c] for c in index.unit_cond])
+        unseen = cfg.model.anchor_unseen  # the data drops parts, and a dropped part takes the anchor with it
         dataset = CellSetDataset(self.adata, index, self.vocab, set_size=cfg.data.set_size, seed=cfg.train.seed,
                                  control_set_fraction=cfg.data.control_set_fraction, codec=self.codec,
-                                 offsets=units)
+                                 offsets=units, part_dropout=cfg.model.pert_dropout if unseen else 0.0,
+                                 part_shift=self._part_shift if unseen and self.anchor is not None else None)
         validate = self._validator(device) if self.split.val else None
         trainer = self._fit(dataset, max_steps, out_dir, validate=validate, progress=progress, resume=resume,
                             device=device, files={"split.json": self.split.write})
