@@ -25,7 +25,7 @@ from real_benchmark import SHARED, prepare  # noqa: E402
 from validation_table import fmt  # noqa: E402
 
 
-def scores(run: Path, prep, split, keys, n_max: int, seed: int = 0) -> dict[str, float]:
+def scores(run: Path, prep, split, keys, n_max: int, seed: int = 0, guidance: float | None = None) -> dict[str, float]:
     from perturbdiff import PerturbDiff
     from perturbdiff.data import as_csr, condition_codes, row_mean
     from perturbdiff.diffusion import energy_distance
@@ -41,7 +41,7 @@ def scores(run: Path, prep, split, keys, n_max: int, seed: int = 0) -> dict[str,
         real.append(as_csr(prep.X[rows]).toarray())
         ctrl.append(row_mean(prep.X, np.flatnonzero(code == present.index((ctx, split.control)))))
     pred = model.predict(split.val, n_cells=[len(r) for r in real], seed=seed, progress=False,
-                         include_controls=False, unknown_perturbations="generic")
+                         include_controls=False, unknown_perturbations="generic", guidance=guidance)
     pred_code, pred_present = condition_codes(pred, keys)
     X = as_csr(pred.X).toarray()
     pearson = metric("pearson_delta").compute
@@ -60,17 +60,21 @@ def main() -> None:
     p.add_argument("--tags", required=True, help="comma-separated tags")
     p.add_argument("--cells", type=int, default=256, help="cells per validation condition (at most its group)")
     p.add_argument("--shared", default=str(SHARED), help="the shared/ folder with data/ and benchmarks/")
+    p.add_argument("--guidance", default="", help="comma-separated guidance weights w to score each run at (default: "
+                   "the run's own)")
     args = p.parse_args()
+    weights = [float(w) for w in args.guidance.split(",") if w.strip()] or [None]
     prep, split, keys = prepare(args.split, Path(args.work), Path(args.shared))
-    print(f"| split | tag | seeds | val ED at {args.cells} cells | val pearson_delta |")
-    print("|---|---|---|---|---|")
+    print(f"| split | tag | guidance | seeds | val ED at {args.cells} cells | val pearson_delta |")
+    print("|---|---|---|---|---|---|")
     for tag in args.tags.split(","):
         done = (Path(args.work) / args.split / tag).glob("seed*/result.json")  # finished runs only
         runs = sorted(r.parent / "run" for r in done)
-        rows = [scores(run, prep, split, keys, args.cells) for run in runs]
-        if rows:
-            print(f"| {args.split} | {tag} | {len(rows)} | {fmt([r['ed'] for r in rows])} | "
-                  f"{fmt([r['pearson_delta'] for r in rows])} |", flush=True)
+        for w in weights:
+            rows = [scores(run, prep, split, keys, args.cells, guidance=w) for run in runs]
+            if rows:
+                print(f"| {args.split} | {tag} | {'own' if w is None else w} | {len(rows)} | "
+                      f"{fmt([r['ed'] for r in rows])} | {fmt([r['pearson_delta'] for r in rows])} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -282,6 +282,9 @@ class CellSetDataset(Dataset):
         own offset); masks naming a padding position are never drawn and keep the row's offset."""
         pert, n_units = self._cov["pert"], self.index.n_units
         P = pert.shape[1]
+        if P > 4:
+            raise DataError(f"model.anchor_unseen anchors every subset of a combination's parts: at most 4 parts, "
+                            f"but a training perturbation has {P}")
         out = np.repeat(self._offsets[:, None, :], 2**P, axis=1)
         for u in range(n_units):
             cond = self.index.conditions[self.index.unit_cond[u]]
