@@ -17,7 +17,7 @@ from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._loader import SetBatch
 from perturbdiff.data._matrix import row_reader
 from perturbdiff.data._split import Condition, Context, condition_codes, obs_codes
-from perturbdiff.data._vocab import Vocab
+from perturbdiff.data._vocab import FIRST_LABEL, GENERIC, Vocab
 
 PoolKey = tuple[Context, "str | None"]  # (context, batch or None)
 
@@ -264,7 +264,9 @@ class CellSetDataset(Dataset):
         self._sizes = np.asarray([len(r) for r in index.unit_rows], dtype=np.int64)
         self._flat = np.concatenate([np.zeros(0, np.int64), *index.unit_rows])
         self._cov = self._covariates(vocab)
-        self._offsets = None  # model-space shift of each covariate row's control set (the anchor); pools: none
+        # model-space shift of each covariate row's control set (the anchor; pools: none) [rows, masks, width]:
+        # mask m > 0 (with part_shift) = the row's anchor with the parts of bit mask m dropped
+        self._offsets = None
         if offsets is not None:
             offsets = np.asarray(offsets, np.float32)
             if offsets.shape != (index.n_units, self.codec.width(self.X.shape[1])):
@@ -273,13 +275,15 @@ class CellSetDataset(Dataset):
             self._offsets = np.concatenate([offsets, np.zeros((index.n_own_pools, offsets.shape[1]), np.float32)])
         self.part_dropout = float(part_dropout)
         self._dropped = None  # bit mask over pert positions per set (part_dropout)
-        self._part_offsets = None if part_shift is None or self._offsets is None else self._masked_offsets(
-            vocab, part_shift)
+        if self._offsets is not None:
+            masked = part_shift is not None and self.part_dropout > 0.0
+            self._offsets = self._masked_offsets(vocab, part_shift) if masked else self._offsets[:, None, :]
         self.set_epoch(0)
 
     def _masked_offsets(self, vocab: Vocab, part_shift) -> np.ndarray:
         """[covariate rows, 2^P, width]: the offset of each row with the parts of bit mask m dropped (m = 0: its
-        own offset); masks naming a padding position are never drawn and keep the row's offset."""
+        own offset); masks naming a padding position are never drawn and keep the row's offset. The refits run
+        once, here, not per batch."""
         pert, n_units = self._cov["pert"], self.index.n_units
         P = pert.shape[1]
         if P > 4:
@@ -288,10 +292,10 @@ class CellSetDataset(Dataset):
         out = np.repeat(self._offsets[:, None, :], 2**P, axis=1)
         for u in range(n_units):
             cond = self.index.conditions[self.index.unit_cond[u]]
-            real = [j for j in range(P) if pert[u, j] > 2]
+            real = [j for j in range(P) if pert[u, j] >= FIRST_LABEL]
             for m in range(1, 2**P):
                 bits = [j for j in range(P) if m >> j & 1]
-                if bits and set(bits) <= set(real):
+                if set(bits) <= set(real):
                     out[u, m] = part_shift(cond, tuple(vocab.pert[pert[u, j]] for j in bits))
         return out
 
@@ -332,7 +336,7 @@ class CellSetDataset(Dataset):
         self._cov_row = np.concatenate([unit, ix.n_units + src])[order]  # (n_sets,)
         if self.part_dropout > 0.0:  # drawn last, so the sets are the same with or without it
             pert = self._cov["pert"][self._cov_row]  # (n_sets, P)
-            drop = (rng.random(pert.shape) < self.part_dropout) & (pert > 2)
+            drop = (rng.random(pert.shape) < self.part_dropout) & (pert >= FIRST_LABEL)
             self._dropped = (drop << np.arange(pert.shape[1])).sum(1)  # (n_sets,)
         self.epoch = int(epoch)
 
@@ -349,10 +353,10 @@ class CellSetDataset(Dataset):
         B, S, G = len(idx), self.set_size, self.codec.width(self.X.shape[1])
         r = self._cov_row[idx]
         ints = {k: v[r] for k, v in self._cov.items()}  # pert [B, P], context [B, C], batch/dose/cond [B]
-        masks = None if self._dropped is None else self._dropped[idx]  # (B,)
-        if masks is not None:  # part dropout: the dropped parts become the generic token 2
+        masks = np.zeros(B, np.int64) if self._dropped is None else self._dropped[idx]  # (B,)
+        if self._dropped is not None:  # part dropout: the dropped parts become the generic token
             bits = (masks[:, None] >> np.arange(ints["pert"].shape[1])) & 1
-            ints["pert"] = np.where(bits == 1, 2, ints["pert"])
+            ints["pert"] = np.where(bits == 1, GENERIC, ints["pert"])
         n_x, n_int = 2 * B * S * G * 4, sum(v.size for v in ints.values()) * 8
         buf = torch.empty(n_x + n_int + B * S, dtype=torch.uint8)
         x = buf[:n_x].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
@@ -363,10 +367,9 @@ class CellSetDataset(Dataset):
         else:
             self.X[rows].toarray(out=out)
             self.codec.to_model(out, out=out)
-        if self._part_offsets is not None:  # the anchor, as if each set's dropped parts were never seen
-            x[1].numpy()[...] += self._part_offsets[r, masks if masks is not None else 0][:, None, :]
-        elif self._offsets is not None:  # the anchor: each control set shifted by its condition's baseline shift
-            x[1].numpy()[...] += self._offsets[r][:, None, :]
+        if self._offsets is not None:  # the anchor: each control set shifted by its condition's baseline shift
+            col = masks if self._offsets.shape[1] > 1 else 0  # the anchor as if the set's dropped parts were unseen
+            x[1].numpy()[...] += self._offsets[r, col][:, None, :]
         batched = {"target": x[0], "control": x[1]}
         offset = n_x
         for k, v in ints.items():
