@@ -16,7 +16,9 @@ CODEC_KINDS = ("scale", "latent")  # perturbdiff.data.CODECS
 PRECISIONS = ("auto", "bf16", "fp32")
 ZERO_MODES = ("sample", "mean", "threshold")  # perturbdiff.data._latent.ZERO_MODES
 PRIOR_ROUTES = ("coexpression", "knowledge", "effects")  # model.pert_prior; perturbdiff.data._priors reads it
-ANCHORS = ("additive", "knn", "train_mean", "linear")  # model.anchor (or ""): the baselines a model may start from
+# model.anchor (or ""): the baselines a model may start from; knn_mean is knn where a part no route places takes the
+# mean shift over the context's trained singles instead of no effect
+ANCHORS = ("additive", "knn", "knn_mean", "train_mean", "linear")
 AUTO_ANCHORS = ("knn", "train_mean", "linear")  # what model.anchor = "auto" chooses among (knn: additive + neighbours)
 
 

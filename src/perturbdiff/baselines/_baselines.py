@@ -92,7 +92,7 @@ class Baseline:
 
     def __init__(self, unseen: str = "error") -> None:
         if unseen not in self.UNSEEN:
-            raise ConfigError(f"unseen must be 'error' or 'zero', got {unseen!r}")
+            raise ConfigError(f"unseen must be one of {', '.join(map(repr, self.UNSEEN))}, got {unseen!r}")
         self.unseen = unseen  # a perturbation none of whose parts was trained: DataError, or no effect
         self.verbose = True  # log the unseen parts taken as no effect
         self._fit: _Fitted | None = None

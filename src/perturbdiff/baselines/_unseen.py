@@ -32,9 +32,12 @@ class KNNBaseline(AdditiveBaseline):
     """Additive over parts, an unseen part's shift the similarity-weighted mean of its ``k`` most similar trained
     single perturbations in an embedding ``table`` (labels, [n, E]; cosine, positive similarities only; default:
     the HPO knowledge embedding of the ``knowledge`` prior, 32 dimensions); a part neither trained nor in the table:
-    DataError naming it (or no effect with ``unseen="zero"``)."""
+    DataError naming it, no effect with ``unseen="zero"``, or with ``unseen="mean"`` the mean shift over the
+    context's trained singles (the bar for a gene nothing is known about, Ahlmann-Eltze et al., Nat Methods 2025;
+    over every training condition of the context where it has no single, over all of them where it has none)."""
 
     name = "knn"
+    UNSEEN = ("error", "zero", "mean")
 
     def __init__(self, table: tuple[list[str], np.ndarray] | None = None, k: int = 5, unseen: str = "error") -> None:
         super().__init__(unseen)
@@ -66,6 +69,13 @@ class KNNBaseline(AdditiveBaseline):
         top = np.argsort(-sim)[: self.k]
         return {singles[i]: float(sim[i]) for i in top if sim[i] > 0}
 
+    def mean_single(self, ctx: Context) -> np.ndarray:
+        """The mean shift over the trained single perturbations of ``ctx`` (``unseen="mean"``)."""
+        st = self.state
+        mine = [c for c in st.train_mean if c[0] == ctx] or list(st.train_mean)
+        singles = [c for c in mine if len(pert_parts(c[1])) == 1] or mine
+        return np.mean([st.shift(c) for c in singles], axis=0) if singles else np.zeros(len(st.genes))
+
     def delta(self, ctx: Context, pert: str) -> np.ndarray:
         st = self.state
         if pert == st.keys.control_value or st.contexts_of(pert):
@@ -76,6 +86,9 @@ class KNNBaseline(AdditiveBaseline):
                 out += super().delta(ctx, part)
                 continue
             near = self.neighbours(part)
+            if not near and self.unseen == "mean":
+                out += self.mean_single(ctx)
+                continue
             if not near:
                 if self.unseen == "error":
                     raise DataError(f"perturbation {pert!r}: part {part!r} was neither trained nor has a similar "

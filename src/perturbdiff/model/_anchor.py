@@ -66,7 +66,8 @@ class Anchor:
     def baseline(self):
         if self._baseline is None:
             table = {c: self.shifts[k] for k, c in enumerate(self.conditions)}
-            self._baseline = make_baseline(self.route, unseen="zero").fit_shifts(self.keys, self.genes, table)
+            name, unseen = ("knn", "mean") if self.route == "knn_mean" else (self.route, "zero")
+            self._baseline = make_baseline(name, unseen=unseen).fit_shifts(self.keys, self.genes, table)
             self._baseline.verbose = False  # no "unseen, taken as no effect" line per condition and part
         return self._baseline
 
