@@ -51,6 +51,18 @@ def test_each_condition_gets_the_baselines_shift_without_itself():
     np.testing.assert_allclose(linear.shift([(("B",), "g2")])[0], fitted.delta(("B",), "g2"), atol=1e-4)
 
 
+def test_the_knn_mean_anchor_gives_a_part_no_route_places_the_mean_single_shift():
+    adata, split = context_split()
+    knn, knn_mean = (Anchor.fit(r, adata, KEYS, split.train) for r in ("knn", "knn_mean"))
+    singles = [c for c in split.train if c[0] == ("B",) and "+" not in c[1]]
+    mean_single = np.mean([_response(adata, c) for c in singles], 0)
+    # NOTAGENE was never trained and is in no embedding table: knn takes it as no effect, knn_mean as the mean single
+    np.testing.assert_allclose(knn.shift([(("B",), "NOTAGENE")])[0], 0.0)
+    np.testing.assert_allclose(knn_mean.shift([(("B",), "NOTAGENE")])[0], mean_single, atol=1e-5)
+    # where every part is placed the two routes agree
+    np.testing.assert_allclose(knn_mean.shift([(("B",), "g2")]), knn.shift([(("B",), "g2")]), atol=1e-6)
+
+
 def test_only_the_control_stream_of_perturbed_sets_is_shifted():
     adata, split = context_split()
     index = CellSetIndex.build(adata, KEYS, split.train)

@@ -206,6 +206,25 @@ def test_the_mean_over_training_perturbations_and_the_knn_baseline():
         knn.predict([(("B",), "NOTAGENE")], [5])
 
 
+def test_knn_gives_a_part_nothing_places_the_mean_single_shift_with_unseen_mean():
+    adata, split = program_data(n_per_group=40)
+    block = coexpression_block(adata.X, np.arange(adata.n_obs), list(adata.var_names), dim=6, neighbours=5, seed=0)
+    table = (block.labels, block.matrix)
+    zero = make_baseline("knn", table=table, k=3, unseen="zero").fit(adata, split, KEYS)
+    mean = make_baseline("knn", table=table, k=3, unseen="mean").fit(adata, split, KEYS)
+    singles = [c for c in split.train if c[0] == ("B",) and "+" not in c[1]]
+    expected = np.mean([_response(adata, c) for c in singles], axis=0)
+    assert np.abs(expected).max() > 0.1  # the planted programs shift something, so the fallback is not zero
+    np.testing.assert_allclose(mean.delta(("B",), "NOTAGENE"), expected, atol=1e-5)
+    np.testing.assert_allclose(zero.delta(("B",), "NOTAGENE"), 0.0)
+    # a known part keeps its own route and the unknown one adds the mean: order-invariant like every combination
+    both = mean.delta(("B",), "g1+NOTAGENE")
+    np.testing.assert_allclose(both, zero.delta(("B",), "g1") + expected, atol=1e-5)
+    np.testing.assert_allclose(both, mean.delta(("B",), "NOTAGENE+g1"), atol=1e-6)
+    with pytest.raises(ConfigError, match="unseen must be one of 'error', 'zero', 'mean'"):
+        make_baseline("knn", unseen="typo")
+
+
 # -- doses ----------------------------------------------------------------------------------------------------------
 def dose_data(n_per_group: int = 60, seed: int = 0) -> tuple[AnnData, Split, DataKeys]:
     """Perturbation UP raises genes 0-7 by 0.4·ln(1 + dose) in two contexts; trained at doses 1, 10 and 1000 in A

@@ -85,7 +85,8 @@ class ModelConfig:
     # a baseline every set's control stream is shifted by (model/_anchor.py): its predicted pseudobulk shift of the
     # set's condition, fitted on the training conditions other than that one, so the output (control mean + the
     # network's residual) starts from the baseline: "auto" = the one of knn, train_mean, linear nearest the validation
-    # conditions' measured shifts (none with a latent codec); "" = none; or additive, knn, train_mean, linear
+    # conditions' measured shifts (none with a latent codec); "" = none; or additive, knn, train_mean, linear, or
+    # knn_mean (knn, a part no route places taking the mean shift over the context's trained singles; opt-in)
     anchor: str = "auto"
     # part dropout (pert_dropout) drawn per set by the data instead of the network, and a dropped part takes the
     # anchor with it: that set is anchored as if the part had never been perturbed (every training condition that
