@@ -192,6 +192,19 @@ def test_set_mean_term_adds_the_weighted_pseudobulk_error():
     assert abs(parts["loss"] - (parts["mse"] + parts["ed"] + 2.0 * parts["mean"])) < 1e-5
 
 
+def test_set_mean_gene_weights_scale_each_genes_pseudobulk_error():
+    from perturbdiff.diffusion._losses import set_mean_error
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(B, 4, G, generator=g), torch.randn(B, 4, G, generator=g)
+    cell_w = torch.ones(B, 4)
+    per_gene = (pred.mean(1) - target.mean(1)).pow(2)  # (B, G)
+    w = torch.rand(B, G, generator=g) * 2
+    assert torch.allclose(set_mean_error(pred, target, cell_w, None), per_gene.mean())
+    assert torch.allclose(set_mean_error(pred, target, cell_w, None, torch.ones(B, G)), per_gene.mean())
+    assert torch.allclose(set_mean_error(pred, target, cell_w, None, w), (per_gene * w).mean())
+
+
 def test_training_loss_deterministic_for_generator():
     model, batch, cfg = tiny_model(), make_batch(), DiffusionConfig()
     a = training_loss(model, batch, cfg, torch.Generator().manual_seed(5))[1]

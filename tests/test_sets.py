@@ -221,3 +221,25 @@ def test_loader_ranks_split_the_epoch(adata, conditions):
 def test_empty_conditions_give_no_sets(adata):
     ds = make_ds(adata, [], control_set_fraction=0.5)
     assert len(ds) == 0 and ds.index.n_units == 0
+
+
+def test_mean_de_weight_gives_each_set_its_units_measured_shift_as_gene_weights(adata, conditions):
+    alpha = 2.0
+    ds = make_ds(adata, conditions, control_set_fraction=0.5, mean_de_weight=alpha)
+    b = all_sets(ds)
+    w, cond = b["mean_w"].numpy(), b["cond"].numpy()
+    assert w.shape == (len(ds), 12) and np.allclose(w.mean(1), 1.0, atol=1e-5)  # every set's weights average 1
+    assert (w[cond == -1] == 1).all()  # control->control sets: every gene alike
+    ix, X = ds.index, adata.X.toarray() / 10.0  # model space: log1p / scale (10)
+    for u in range(ix.n_units):  # by hand: (1 + α·|Δ|/mean|Δ|) / (1 + α), Δ = unit mean − its control pool's mean
+        size = np.abs(X[ix.unit_rows[u]].mean(0) - X[ix.pools[ix.unit_pool[u]]].mean(0))
+        np.testing.assert_allclose(ds._mean_w[u], (1 + alpha * size / size.mean()) / (1 + alpha), rtol=1e-5)
+    sets = ds._cov_row[: len(ds)] < ix.n_units
+    np.testing.assert_array_equal(w[sets], ds._mean_w[ds._cov_row[sets]])
+    plain = all_sets(make_ds(adata, conditions, control_set_fraction=0.5))  # off: no key, the same sets
+    assert "mean_w" not in plain and torch.equal(plain["target"], b["target"])
+
+
+def test_mean_de_weight_must_not_be_negative(adata, conditions):
+    with pytest.raises(Exception, match="mean_de_weight"):
+        make_ds(adata, conditions, mean_de_weight=-1.0)

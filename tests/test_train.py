@@ -10,7 +10,7 @@ import torch
 from anndata import AnnData
 
 import perturbdiff.train._checkpoint as ckpt
-from perturbdiff import CheckpointError, Config, DataError, PerturbDiff
+from perturbdiff import CheckpointError, Config, ConfigError, DataError, PerturbDiff
 from perturbdiff.data import DataKeys, Split, preprocess
 from perturbdiff.train import Trainer, load_checkpoint, lr_factor
 
@@ -346,3 +346,15 @@ def test_without_a_run_directory_train_also_keeps_the_best_weights(monkeypatch):
     held = model.network.state_dict()
     assert all(torch.equal(held[k], v) for k, v in seen[4].items())
     assert not all(torch.equal(held[k], v) for k, v in seen[6].items())
+
+
+def test_a_run_with_de_weighted_set_means_trains_and_records_its_weight(tmp_path):
+    adata, split = planted_data(n_per_group=32)
+    cfg = tiny_config(max_steps=20, val_every=10).update({"diffusion": {"mean_de_weight": 1.0}})
+    model = PerturbDiff.from_config(cfg, adata, split)
+    model.train(out_dir=tmp_path, progress=False)
+    log = pd.read_csv(tmp_path / "log.csv")
+    assert np.isfinite(log["loss"]).all() and log["mean"].notna().any()
+    assert PerturbDiff.load(tmp_path).cfg.diffusion.mean_de_weight == 1.0
+    with pytest.raises(ConfigError, match="mean_de_weight"):
+        cfg.update({"diffusion": {"mean_de_weight": -1.0}}).validate()

@@ -34,7 +34,7 @@ from perturbdiff._errors import ConfigError
 DEFAULT_PRESET = "tiny"  # what the command line trains when no preset is named (docs/BENCHMARKS.md: "The default size")
 #: keys added after runs were already written, with the value every run written before them used
 INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
-              "model.anchor": "", "model.anchor_unseen": False}
+              "model.anchor": "", "model.anchor_unseen": False, "diffusion.mean_de_weight": 0.0}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -114,6 +114,10 @@ class DiffusionConfig:
     # weight of a set-mean (pseudobulk) error term (SPEC §8: responses came out too small). On kang_celltype, 2 seeds:
     # pearson_delta 0.715 ± 0.129 -> 0.776 ± 0.004, pr_auc 0.451 -> 0.482 (docs/BENCHMARKS.md)
     mean_weight: float = 100.0
+    # the set-mean term weighs gene g of a set (1 + α·|Δ_g|/mean|Δ|) / (1 + α), Δ = the set's condition's measured
+    # shift in training (weights average 1), so the genes a condition moves count more: the field's weighted MSE
+    # against responses collapsing to the mean (issue 17); 0 = every gene alike
+    mean_de_weight: float = 0.0
     self_cond_prob: float = 0.5
     # ref 0.5; our probe found guidance w=1 hurt (SPEC §8), so w=0 is the default and the unconditional
     # branch needs far less training signal: 0.1 keeps it usable for guidance while conditioning trains 90 % of sets.

@@ -234,7 +234,12 @@ class CellSetDataset(Dataset):
 
     ``part_dropout``: each perturbation part of a set becomes the generic token with this probability (drawn per
     epoch, so resume is exact), and with ``part_shift(condition, dropped parts) -> [width]`` the set's control stream
-    takes that shift instead of its unit's offset: the anchor of the condition as if those parts were never seen."""
+    takes that shift instead of its unit's offset: the anchor of the condition as if those parts were never seen.
+
+    ``mean_de_weight`` α > 0 adds ``mean_w`` [B, width] to each batch: the set-mean term's weight per gene,
+    (1 + α·|Δ|/mean|Δ|) / (1 + α), where Δ is the set's unit's measured shift (its cells' mean minus its control
+    pool's, model space), so the genes a condition moves count more and the weights average 1; control->control
+    sets weigh every gene 1."""
 
     def __init__(
         self,
@@ -249,13 +254,13 @@ class CellSetDataset(Dataset):
         offsets: np.ndarray | None = None,
         part_dropout: float = 0.0,
         part_shift: Callable[[Condition, tuple[str, ...]], np.ndarray] | None = None,
+        mean_de_weight: float = 0.0,
     ):
         if adata.n_obs != index.n_obs:
             raise DataError(f"the AnnData has {adata.n_obs} cells but the index was built on {index.n_obs}")
-        if set_size < 1 or control_set_fraction < 0:
-            raise DataError(
-                f"set_size must be >= 1 and control_set_fraction >= 0 (got {set_size}, {control_set_fraction})"
-            )
+        if set_size < 1 or control_set_fraction < 0 or mean_de_weight < 0:
+            raise DataError(f"set_size must be >= 1, control_set_fraction and mean_de_weight >= 0 (got {set_size}, "
+                            f"{control_set_fraction}, {mean_de_weight})")
         self.X = row_reader(adata.X)  # in-memory CSR or a store's lazy rows
         self.index, self.set_size, self.seed = index, int(set_size), int(seed)
         self.control_set_fraction, self.codec = float(control_set_fraction), codec or ScaleCodec()
@@ -278,7 +283,26 @@ class CellSetDataset(Dataset):
         if self._offsets is not None:
             masked = part_shift is not None and self.part_dropout > 0.0
             self._offsets = self._masked_offsets(vocab, part_shift) if masked else self._offsets[:, None, :]
+        self._mean_w = self._de_weights(adata, float(mean_de_weight)) if mean_de_weight > 0 else None
         self.set_epoch(0)
+
+    def _de_weights(self, adata, alpha: float) -> np.ndarray:
+        """[covariate rows, width]: each unit's set-mean weights (class docstring); control pools' rows all 1."""
+        from perturbdiff.data._store import row_mean
+
+        ix, width = self.index, self.codec.width(self.X.shape[1])
+        if self.encoded is not None:  # a latent codec: shifts of the encoded cells
+            means = [self.encoded[r].mean(0) for r in ix.unit_rows]
+            pools = [self.encoded[r].mean(0) for r in ix.pools]
+        else:
+            means = [self.codec.to_model(row_mean(adata.X, r).astype(np.float32)) for r in ix.unit_rows]
+            pools = [self.codec.to_model(row_mean(adata.X, r).astype(np.float32)) for r in ix.pools]
+        out = np.ones((ix.n_units + ix.n_own_pools, width), np.float32)
+        for u, (m, p) in enumerate(zip(means, ix.unit_pool.tolist())):
+            size = np.abs(m - pools[p])
+            if size.mean() > 0:
+                out[u] = (1.0 + alpha * size / size.mean()) / (1.0 + alpha)
+        return out
 
     def _masked_offsets(self, vocab: Vocab, part_shift) -> np.ndarray:
         """[covariate rows, 2^P, width]: the offset of each row with the parts of bit mask m dropped (m = 0: its
@@ -357,9 +381,10 @@ class CellSetDataset(Dataset):
         if self._dropped is not None:  # part dropout: the dropped parts become the generic token
             bits = (masks[:, None] >> np.arange(ints["pert"].shape[1])) & 1
             ints["pert"] = np.where(bits == 1, GENERIC, ints["pert"])
-        n_x, n_int = 2 * B * S * G * 4, sum(v.size for v in ints.values()) * 8
+        n_w = 0 if self._mean_w is None else B * G * 4
+        n_x, n_int = 2 * B * S * G * 4 + n_w, sum(v.size for v in ints.values()) * 8
         buf = torch.empty(n_x + n_int + B * S, dtype=torch.uint8)
-        x = buf[:n_x].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
+        x = buf[: n_x - n_w].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
         out = x.numpy().reshape(2 * B * S, G)
         rows = np.concatenate([self._target[idx].ravel(), self._control[idx].ravel()])
         if self.encoded is not None:
@@ -371,6 +396,9 @@ class CellSetDataset(Dataset):
             col = masks if self._offsets.shape[1] > 1 else 0  # the anchor as if the set's dropped parts were unseen
             x[1].numpy()[...] += self._offsets[r, col][:, None, :]
         batched = {"target": x[0], "control": x[1]}
+        if self._mean_w is not None:  # the set-mean term's gene weights of each set's unit
+            batched["mean_w"] = buf[n_x - n_w : n_x].view(torch.float32).view(B, G)
+            batched["mean_w"].numpy()[...] = self._mean_w[r]
         offset = n_x
         for k, v in ints.items():
             t = buf[offset : offset + v.size * 8].view(torch.int64).view(v.shape)
@@ -382,5 +410,6 @@ class CellSetDataset(Dataset):
         return SetBatch(batched)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        """One set: target/control [S, G] float32, pad [S], pert [P], context [C], batch, dose, cond []."""
+        """One set: target/control [S, G] float32, pad [S], pert [P], context [C], batch, dose, cond [] (and
+        mean_w [G] with ``mean_de_weight``)."""
         return {k: v[0] for k, v in self.__getitems__([i]).batched.items()}

@@ -106,7 +106,7 @@ class FlowMatching:
             gene_w = batch.get("gene_mask")
             mse = masked_mse(v_hat, x1 - x0, cell_w, None if gene_w is None else gene_w.float())
         return set_loss(x1_hat, x1, pad=batch.get("pad"), gene_mask=batch.get("gene_mask"), ed_weight=cfg.ed_weight,
-                        mean_weight=cfg.mean_weight, mmd_weight=cfg.mmd_weight, mse=mse)
+                        mean_weight=cfg.mean_weight, mmd_weight=cfg.mmd_weight, mse=mse, mean_w=batch.get("mean_w"))
 
     # -- sampling --------------------------------------------------------------------------------------------
     @torch.no_grad()

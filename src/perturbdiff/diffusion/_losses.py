@@ -103,10 +103,14 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, g
     return err.sum() / n.clamp_min(1.0)
 
 
-def set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
-    """Squared error of the set means (pseudobulks) per gene: the population shift, weighted like the MSE."""
+def set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None,
+                   mean_w: torch.Tensor | None = None):
+    """Squared error of the set means (pseudobulks) per gene: the population shift, weighted like the MSE, and per
+    set and gene by ``mean_w`` [B, G] where given (``diffusion.mean_de_weight``)."""
     w = cell_w / cell_w.sum(1, keepdim=True).clamp_min(1.0)  # (B, S)
     diff = torch.einsum("bs,bsg->bg", w, pred - target).pow(2)  # (B, G)
+    if mean_w is not None:
+        diff = diff * mean_w
     if gene_w is None:
         return diff.mean()
     return (diff * gene_w).sum() / gene_w.sum().clamp_min(1.0)
@@ -114,12 +118,14 @@ def set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tenso
 
 def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | None = None,
              gene_mask: torch.Tensor | None = None, ed_weight: float = 1.0, mean_weight: float = 0.0,
-             mmd_weight: float = 0.0, mse: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+             mmd_weight: float = 0.0, mse: torch.Tensor | None = None,
+             mean_w: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """MSE + ed_weight · mean_b ED + mean_weight · set-mean error + mmd_weight · mean_b RBF-MMD², over sets [B, S, G].
 
     Padded cells (``pad`` [B, S]) are excluded from every term; ``gene_mask`` [B, G] restricts them to those genes.
     Any process calls it on its own prediction of the data (x̂0 for VP diffusion, the flow's end point, ...);
-    ``mse`` replaces the per-cell term (a flow that regresses its velocity passes that error).
+    ``mse`` replaces the per-cell term (a flow that regresses its velocity passes that error); ``mean_w`` [B, G]
+    weighs the set-mean term's genes.
     """
     cell_w = target.new_ones(target.shape[:2]) if pad is None else (~pad.bool()).float()  # (B, S)
     gene_w = None if gene_mask is None else gene_mask.float()  # (B, G)
@@ -130,7 +136,7 @@ def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | No
     loss = mse + ed_weight * ed
     parts = {"mse": float(mse.detach()), "ed": float(ed.detach())}
     if mean_weight:
-        mean_err = set_mean_error(pred, target, cell_w, gene_w)
+        mean_err = set_mean_error(pred, target, cell_w, gene_w, mean_w)
         loss = loss + mean_weight * mean_err
         parts["mean"] = float(mean_err.detach())
     if mmd_weight:

@@ -70,7 +70,8 @@ class VPDiffusion:
         x_self = self_conditioning(predict, x_t, drops.use_self, cfg.self_cond_prob > 0)
         x0_hat = predict(x_self).float()  # (B, S, G)
         return set_loss(x0_hat, x0, pad=batch.get("pad"), gene_mask=batch.get("gene_mask"),
-                        ed_weight=cfg.ed_weight, mean_weight=cfg.mean_weight, mmd_weight=cfg.mmd_weight)
+                        ed_weight=cfg.ed_weight, mean_weight=cfg.mean_weight, mmd_weight=cfg.mmd_weight,
+                        mean_w=batch.get("mean_w"))
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def timesteps(self, settings: SampleConfig) -> list[int]:
