@@ -13,7 +13,8 @@ the predicted cells over the share in the real validation cells (1 = as many zer
 rescores each run at other guidance weights w (sampling only).
 
 With one validation condition (devel_gbm, devel_combo, kang_celltype) every DE score is one condition's: read it
-over seeds, and never as a test score. Discrimination needs two conditions per context, so it is not listed.
+over seeds, and never as a test score. Discrimination ranks a condition among the others of its context, so it
+means something only where a context has several validation conditions (devel_gbm_inner's A172, devel_unseen).
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_benchmark import SHARED, prepare, score  # noqa: E402
-from validation_table import fmt  # noqa: E402
+from validation_table import fmt as fmt_finite  # noqa: E402
 
-COLUMNS = ("pr_auc", "roc_auc", "overlap_at_N", "pearson_delta", "r2", "de_nsig_counts_pred", "de_nsig_counts_real")
+COLUMNS = ("pr_auc", "roc_auc", "overlap_at_N", "pearson_delta", "r2", "discrimination_score_l1",
+           "discrimination_score_l2", "discrimination_score_cosine", "de_nsig_counts_pred", "de_nsig_counts_real")
+
+
+def fmt(values: list[float]) -> str:
+    """mean ± sd over seeds; "—" where a score is undefined (no real DE gene, one condition in a context)."""
+    return "—" if any(np.isnan(v) for v in values) else fmt_finite(values)
 
 
 def zero_share(X) -> float:
