@@ -16,6 +16,7 @@ from perturbdiff.data._codec import ScaleCodec
 from perturbdiff.data._keys import DataKeys
 from perturbdiff.data._loader import SetBatch
 from perturbdiff.data._matrix import row_reader
+from perturbdiff.data._set_tables import de_weights, masked_offsets
 from perturbdiff.data._split import Condition, Context, condition_codes, obs_codes
 from perturbdiff.data._vocab import FIRST_LABEL, GENERIC, Vocab
 
@@ -282,46 +283,12 @@ class CellSetDataset(Dataset):
         self._dropped = None  # bit mask over pert positions per set (part_dropout)
         if self._offsets is not None:
             masked = part_shift is not None and self.part_dropout > 0.0
-            self._offsets = self._masked_offsets(vocab, part_shift) if masked else self._offsets[:, None, :]
-        self._mean_w = self._de_weights(adata, float(mean_de_weight)) if mean_de_weight > 0 else None
+            self._offsets = (masked_offsets(self._offsets, self._cov["pert"], index, vocab, part_shift) if masked
+                             else self._offsets[:, None, :])
+        self._mean_w = None
+        if mean_de_weight > 0:
+            self._mean_w = de_weights(adata.X, index, self.codec, self.encoded, float(mean_de_weight))
         self.set_epoch(0)
-
-    def _de_weights(self, adata, alpha: float) -> np.ndarray:
-        """[covariate rows, width]: each unit's set-mean weights (class docstring); control pools' rows all 1."""
-        from perturbdiff.data._store import row_mean
-
-        ix, width = self.index, self.codec.width(self.X.shape[1])
-        if self.encoded is not None:  # a latent codec: shifts of the encoded cells
-            means = [self.encoded[r].mean(0) for r in ix.unit_rows]
-            pools = [self.encoded[r].mean(0) for r in ix.pools]
-        else:
-            means = [self.codec.to_model(row_mean(adata.X, r).astype(np.float32)) for r in ix.unit_rows]
-            pools = [self.codec.to_model(row_mean(adata.X, r).astype(np.float32)) for r in ix.pools]
-        out = np.ones((ix.n_units + ix.n_own_pools, width), np.float32)
-        for u, (m, p) in enumerate(zip(means, ix.unit_pool.tolist())):
-            size = np.abs(m - pools[p])
-            if size.mean() > 0:
-                out[u] = (1.0 + alpha * size / size.mean()) / (1.0 + alpha)
-        return out
-
-    def _masked_offsets(self, vocab: Vocab, part_shift) -> np.ndarray:
-        """[covariate rows, 2^P, width]: the offset of each row with the parts of bit mask m dropped (m = 0: its
-        own offset); masks naming a padding position are never drawn and keep the row's offset. The refits run
-        once, here, not per batch."""
-        pert, n_units = self._cov["pert"], self.index.n_units
-        P = pert.shape[1]
-        if P > 4:
-            raise DataError(f"model.anchor_unseen anchors every subset of a combination's parts: at most 4 parts, "
-                            f"but a training perturbation has {P}")
-        out = np.repeat(self._offsets[:, None, :], 2**P, axis=1)
-        for u in range(n_units):
-            cond = self.index.conditions[self.index.unit_cond[u]]
-            real = [j for j in range(P) if pert[u, j] >= FIRST_LABEL]
-            for m in range(1, 2**P):
-                bits = [j for j in range(P) if m >> j & 1]
-                if set(bits) <= set(real):
-                    out[u, m] = part_shift(cond, tuple(vocab.pert[pert[u, j]] for j in bits))
-        return out
 
     def _encode_all(self) -> np.ndarray:
         """Model-space rows [n_obs, D] of every cell a set can draw (training units, control pools; others 0)."""

@@ -1,0 +1,52 @@
+"""Per-unit tables of the cell-set data set, built once before training: the anchor's offsets with dropped parts
+(``model.anchor_unseen``) and the set-mean term's gene weights (``diffusion.mean_de_weight``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from perturbdiff._errors import DataError
+from perturbdiff.data._split import Condition
+from perturbdiff.data._vocab import FIRST_LABEL, Vocab
+
+
+def masked_offsets(offsets: np.ndarray, pert: np.ndarray, index, vocab: Vocab,
+                   part_shift: Callable[[Condition, tuple[str, ...]], np.ndarray]) -> np.ndarray:
+    """[covariate rows, 2^P, width]: the offset of each row (``offsets`` [rows, width]; ``pert`` [rows, P] its
+    parts) with the parts of bit mask m dropped (m = 0: its own offset); masks naming a padding position are never
+    drawn and keep the row's offset. The refits run once, here, not per batch."""
+    P = pert.shape[1]
+    if P > 4:
+        raise DataError(f"model.anchor_unseen anchors every subset of a combination's parts: at most 4 parts, "
+                        f"but a training perturbation has {P}")
+    out = np.repeat(offsets[:, None, :], 2**P, axis=1)
+    for u in range(index.n_units):
+        cond = index.conditions[index.unit_cond[u]]
+        real = [j for j in range(P) if pert[u, j] >= FIRST_LABEL]
+        for m in range(1, 2**P):
+            bits = [j for j in range(P) if m >> j & 1]
+            if set(bits) <= set(real):
+                out[u, m] = part_shift(cond, tuple(vocab.pert[pert[u, j]] for j in bits))
+    return out
+
+
+def de_weights(X, index, codec, encoded: np.ndarray | None, alpha: float) -> np.ndarray:
+    """[covariate rows, width]: unit u's set-mean weights (1 + α·|Δ_u|/mean|Δ_u|) / (1 + α), Δ_u = its cells' mean
+    minus its control pool's in model space (``encoded``: a latent codec's cells, else X through ``codec``); the
+    control pools' rows (control->control sets) all 1."""
+    from perturbdiff.data._store import row_mean
+
+    if encoded is not None:
+        means = [encoded[r].mean(0) for r in index.unit_rows]
+        pools = [encoded[r].mean(0) for r in index.pools]
+    else:
+        means = [codec.to_model(row_mean(X, r).astype(np.float32)) for r in index.unit_rows]
+        pools = [codec.to_model(row_mean(X, r).astype(np.float32)) for r in index.pools]
+    out = np.ones((index.n_units + index.n_own_pools, codec.width(X.shape[1])), np.float32)
+    for u, (m, p) in enumerate(zip(means, index.unit_pool.tolist())):
+        size = np.abs(m - pools[p])
+        if size.mean() > 0:
+            out[u] = (1.0 + alpha * size / size.mean()) / (1.0 + alpha)
+    return out
