@@ -116,7 +116,9 @@ class DiffusionConfig:
     mean_weight: float = 100.0
     # the set-mean term weighs gene g of a set (1 + α·|Δ_g|/mean|Δ|) / (1 + α), Δ = the set's condition's measured
     # shift in training (weights average 1), so the genes a condition moves count more: the field's weighted MSE
-    # against responses collapsing to the mean (issue 17); 0 = every gene alike
+    # against responses collapsing to the mean (issue 17); 0 = every gene alike. Opt-in: at 2 it raised the DE
+    # scores on validation but moved the populations further off (ED), which the selection rule refuses
+    # (docs/BENCHMARKS.md, "Fourth pass")
     mean_de_weight: float = 0.0
     self_cond_prob: float = 0.5
     # ref 0.5; our probe found guidance w=1 hurt (SPEC §8), so w=0 is the default and the unconditional
