@@ -29,15 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_benchmark import SHARED, prepare, score  # noqa: E402
-from validation_table import fmt as fmt_finite  # noqa: E402
+from validation_table import fmt  # noqa: E402
 
 COLUMNS = ("pr_auc", "roc_auc", "overlap_at_N", "pearson_delta", "r2", "discrimination_score_l1",
            "discrimination_score_l2", "discrimination_score_cosine", "de_nsig_counts_pred", "de_nsig_counts_real")
-
-
-def fmt(values: list[float]) -> str:
-    """mean ± sd over seeds; "—" where a score is undefined (no real DE gene, one condition in a context)."""
-    return "—" if any(np.isnan(v) for v in values) else fmt_finite(values)
 
 
 def zero_share(X) -> float:
@@ -47,15 +42,13 @@ def zero_share(X) -> float:
     return 1.0 - nnz / n
 
 
-def run_scores(run: Path, prep, split, seed: int, floors: list[float | None],
-               weights: list[float | None]) -> list[dict[str, float]]:
-    """One row per (floor, guidance weight) (None: the run's own) for the run folder ``run``."""
+def run_scores(run: Path, prep, split, seed: int, floors: list[float | None], weights: list[float | None],
+               real_zeros: float) -> list[dict[str, float]]:
+    """One row per (floor, guidance weight) (None: the run's own) for the run folder ``run``; ``real_zeros``: the
+    zero share of the real validation cells."""
     from perturbdiff import PerturbDiff
-    from perturbdiff.evaluate import build_real
 
     model = PerturbDiff.load(run, adata=prep, which="best")
-    real = build_real(prep, split, "val")
-    real_zeros = zero_share(real[real.obs[split.pert_col] != split.control].X)
     own = model.codec
     rows = []
     for m, w in product(floors, weights):
@@ -85,6 +78,10 @@ def main() -> None:
     floors = [float(m) for m in args.floors.split(",") if m.strip()] or [None]
     weights = [float(w) for w in args.guidance.split(",") if w.strip()] or [None]
     prep, split, _ = prepare(args.split, Path(args.work), Path(args.shared))
+    from perturbdiff.evaluate import build_real
+
+    real = build_real(prep, split, "val")
+    real_zeros = zero_share(real[real.obs[split.pert_col] != split.control].X)
     head = ["split", "tag", "floor", "guidance", "seeds", *COLUMNS, "zeros"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -92,7 +89,8 @@ def main() -> None:
         done = sorted((Path(args.work) / args.split / tag).glob("seed*/result.json"))  # finished runs only
         if not done:
             continue
-        per_run = [run_scores(r.parent / "run", prep, split, int(r.parent.name[4:]), floors, weights) for r in done]
+        per_run = [run_scores(r.parent / "run", prep, split, int(r.parent.name[4:]), floors, weights, real_zeros)
+                   for r in done]
         for i, (m, w) in enumerate(product(floors, weights)):
             cells = [fmt([rows[i][k] for rows in per_run]) for k in (*COLUMNS, "zeros")]
             own = ["own" if v is None else str(v) for v in (m, w)]

@@ -21,6 +21,9 @@ def best_row(log: Path) -> dict | None:
 
 
 def fmt(values: list[float]) -> str:
+    """mean ± sd over seeds; "—" where a score is undefined (NaN: no real DE gene, one condition in a context)."""
+    if any(v != v for v in values):
+        return "—"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 
 from perturbdiff._errors import DataError
+from perturbdiff.data._matrix import group_means
 from perturbdiff.data._split import Condition
 from perturbdiff.data._vocab import FIRST_LABEL, Vocab
 
@@ -38,15 +39,19 @@ def de_weights(X, index, codec, encoded: np.ndarray | None, alpha: float) -> np.
     control pools' rows (control->control sets) all 1."""
     from perturbdiff.data._store import row_mean
 
-    if encoded is not None:
-        means = [encoded[r].mean(0) for r in index.unit_rows]
-        pools = [encoded[r].mean(0) for r in index.pools]
-    else:
-        means = [codec.to_model(row_mean(X, r).astype(np.float32)) for r in index.unit_rows]
-        pools = [codec.to_model(row_mean(X, r).astype(np.float32)) for r in index.pools]
-    out = np.ones((index.n_units + index.n_own_pools, codec.width(X.shape[1])), np.float32)
-    for u, (m, p) in enumerate(zip(means, index.unit_pool.tolist())):
-        size = np.abs(m - pools[p])
-        if size.mean() > 0:
-            out[u] = (1.0 + alpha * size / size.mean()) / (1.0 + alpha)
+    src = X if encoded is None else encoded
+    code = np.full(index.n_obs, -1, np.int64)
+    for u, rows in enumerate(index.unit_rows):
+        code[rows] = u
+    units = group_means(src, code, index.n_units)  # one indicator product for every unit
+    pools = np.zeros((len(index.pools), src.shape[1]))
+    for p in np.unique(index.unit_pool):  # the pools some unit draws from (pools may share cells)
+        pools[p] = row_mean(src, index.pools[p])
+    size = np.abs(units - pools[index.unit_pool]).astype(np.float32)
+    if encoded is None:
+        size = codec.to_model(size)  # log1p -> model space: a scale, so |Δ| scales with it
+    out = np.ones((index.n_units + index.n_own_pools, size.shape[1]), np.float32)
+    scale = size.mean(1, keepdims=True)
+    moved = scale[:, 0] > 0
+    out[: index.n_units][moved] = (1.0 + alpha * size[moved] / scale[moved]) / (1.0 + alpha)
     return out

@@ -348,10 +348,10 @@ class CellSetDataset(Dataset):
         if self._dropped is not None:  # part dropout: the dropped parts become the generic token
             bits = (masks[:, None] >> np.arange(ints["pert"].shape[1])) & 1
             ints["pert"] = np.where(bits == 1, GENERIC, ints["pert"])
+        n_x, n_int = 2 * B * S * G * 4, sum(v.size for v in ints.values()) * 8
         n_w = 0 if self._mean_w is None else B * G * 4
-        n_x, n_int = 2 * B * S * G * 4 + n_w, sum(v.size for v in ints.values()) * 8
-        buf = torch.empty(n_x + n_int + B * S, dtype=torch.uint8)
-        x = buf[: n_x - n_w].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
+        buf = torch.empty(n_x + n_w + n_int + B * S, dtype=torch.uint8)
+        x = buf[:n_x].view(torch.float32).view(2, B, S, G)  # (2, B, S, G)
         out = x.numpy().reshape(2 * B * S, G)
         rows = np.concatenate([self._target[idx].ravel(), self._control[idx].ravel()])
         if self.encoded is not None:
@@ -364,9 +364,9 @@ class CellSetDataset(Dataset):
             x[1].numpy()[...] += self._offsets[r, col][:, None, :]
         batched = {"target": x[0], "control": x[1]}
         if self._mean_w is not None:  # the set-mean term's gene weights of each set's unit
-            batched["mean_w"] = buf[n_x - n_w : n_x].view(torch.float32).view(B, G)
+            batched["mean_w"] = buf[n_x : n_x + n_w].view(torch.float32).view(B, G)
             batched["mean_w"].numpy()[...] = self._mean_w[r]
-        offset = n_x
+        offset = n_x + n_w
         for k, v in ints.items():
             t = buf[offset : offset + v.size * 8].view(torch.int64).view(v.shape)
             t.numpy()[...] = v
