@@ -240,6 +240,26 @@ def test_mean_de_weight_gives_each_set_its_units_measured_shift_as_gene_weights(
     assert "mean_w" not in plain and torch.equal(plain["target"], b["target"])
 
 
+def test_mean_de_cap_caps_each_genes_share_and_keeps_the_weights_averaging_one(adata, conditions):
+    alpha, cap = 2.0, 1.5
+    ds = make_ds(adata, conditions, control_set_fraction=0.5, mean_de_weight=alpha, mean_de_cap=cap)
+    ix, X = ds.index, adata.X.toarray() / 10.0
+    w = ds._mean_w[: ix.n_units]
+    np.testing.assert_allclose(w.mean(1), 1.0, rtol=1e-5)
+    for u in range(ix.n_units):  # by hand: r = min(|Δ|/mean|Δ|, c), weights (1 + α·r) / (1 + α·mean r)
+        size = np.abs(X[ix.unit_rows[u]].mean(0) - X[ix.pools[ix.unit_pool[u]]].mean(0))
+        r = np.minimum(size / size.mean(), cap)
+        assert (size / size.mean() > cap).any()  # the cap binds on this data, so the check below can fail
+        np.testing.assert_allclose(w[u], (1 + alpha * r) / (1 + alpha * r.mean()), rtol=1e-5)
+    assert w.max() <= 1 + alpha * cap
+    uncapped = make_ds(adata, conditions, control_set_fraction=0.5, mean_de_weight=alpha)._mean_w
+    assert uncapped.max() > w.max()  # the cap lowers the largest weight
+    big = make_ds(adata, conditions, control_set_fraction=0.5, mean_de_weight=alpha, mean_de_cap=1e9)._mean_w
+    np.testing.assert_allclose(big, uncapped, rtol=1e-5)  # a cap nothing reaches changes nothing
+
+
 def test_mean_de_weight_must_not_be_negative(adata, conditions):
     with pytest.raises(Exception, match="mean_de_weight"):
         make_ds(adata, conditions, mean_de_weight=-1.0)
+    with pytest.raises(Exception, match="mean_de_cap"):
+        make_ds(adata, conditions, mean_de_weight=1.0, mean_de_cap=-1.0)

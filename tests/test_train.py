@@ -350,11 +350,14 @@ def test_without_a_run_directory_train_also_keeps_the_best_weights(monkeypatch):
 
 def test_a_run_with_de_weighted_set_means_trains_and_records_its_weight(tmp_path):
     adata, split = planted_data(n_per_group=32)
-    cfg = tiny_config(max_steps=20, val_every=10).update({"diffusion": {"mean_de_weight": 1.0}})
+    cfg = tiny_config(max_steps=20, val_every=10).update({"diffusion": {"mean_de_weight": 1.0, "mean_de_cap": 3.0}})
     model = PerturbDiff.from_config(cfg, adata, split)
     model.train(out_dir=tmp_path, progress=False)
     log = pd.read_csv(tmp_path / "log.csv")
     assert np.isfinite(log["loss"]).all() and log["mean"].notna().any()
-    assert PerturbDiff.load(tmp_path).cfg.diffusion.mean_de_weight == 1.0
+    loaded = PerturbDiff.load(tmp_path).cfg.diffusion
+    assert (loaded.mean_de_weight, loaded.mean_de_cap) == (1.0, 3.0)
     with pytest.raises(ConfigError, match="mean_de_weight"):
         cfg.update({"diffusion": {"mean_de_weight": -1.0}}).validate()
+    with pytest.raises(ConfigError, match="mean_de_cap"):
+        cfg.update({"diffusion": {"mean_de_cap": -1.0}}).validate()

@@ -100,6 +100,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "diffusion.timesteps": (lambda v: v >= 2, "at least 2"), "diffusion.beta_start": (lambda v: 0 < v < 1, "in (0, 1)"),
     "diffusion.beta_end": (lambda v: 0 < v < 1, "in (0, 1)"), "diffusion.ed_weight": (_nonneg, ">= 0"),
     "diffusion.mean_weight": (_nonneg, ">= 0"), "diffusion.mean_de_weight": (_nonneg, ">= 0"),
+    "diffusion.mean_de_cap": (_nonneg, ">= 0 (0: no cap)"),
     "diffusion.self_cond_prob": (_unit, "in [0, 1]"),
     "diffusion.p_uncond": (_unit, "in [0, 1]"), "diffusion.p_drop_control": (_unit, "in [0, 1]"),
     "diffusion.process": (lambda v: v in PROCESS_KINDS, f"one of {', '.join(PROCESS_KINDS)}"),

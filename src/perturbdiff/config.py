@@ -34,7 +34,8 @@ from perturbdiff._errors import ConfigError
 DEFAULT_PRESET = "tiny"  # what the command line trains when no preset is named (docs/BENCHMARKS.md: "The default size")
 #: keys added after runs were already written, with the value every run written before them used
 INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
-              "model.anchor": "", "model.anchor_unseen": False, "diffusion.mean_de_weight": 0.0}
+              "model.anchor": "", "model.anchor_unseen": False, "diffusion.mean_de_weight": 0.0,
+              "diffusion.mean_de_cap": 0.0}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -120,6 +121,9 @@ class DiffusionConfig:
     # scores on validation but moved the populations further off (ED), which the selection rule refuses
     # (docs/BENCHMARKS.md, "Fourth pass")
     mean_de_weight: float = 0.0
+    # cap of |Δ_g|/mean|Δ| in those weights (0 = none): uncapped at α = 2 the largest weight on devel_combo_inner was
+    # 155 (mean 1), so a few genes carried the term; capped at c the largest is at most 1 + α·c
+    mean_de_cap: float = 0.0
     self_cond_prob: float = 0.5
     # ref 0.5; our probe found guidance w=1 hurt (SPEC §8), so w=0 is the default and the unconditional
     # branch needs far less training signal: 0.1 keeps it usable for guidance while conditioning trains 90 % of sets.

@@ -33,9 +33,10 @@ def masked_offsets(offsets: np.ndarray, pert: np.ndarray, index, vocab: Vocab,
     return out
 
 
-def de_weights(X, index, codec, encoded: np.ndarray | None, alpha: float) -> np.ndarray:
-    """[covariate rows, width]: unit u's set-mean weights (1 + α·|Δ_u|/mean|Δ_u|) / (1 + α), Δ_u = its cells' mean
-    minus its control pool's in model space (``encoded``: a latent codec's cells, else X through ``codec``); the
+def de_weights(X, index, codec, encoded: np.ndarray | None, alpha: float, cap: float = 0.0) -> np.ndarray:
+    """[covariate rows, width]: unit u's set-mean weights (1 + α·r)/(1 + α·mean r), r = min(|Δ_u|/mean|Δ_u|, cap)
+    (``cap`` 0: no cap, and the weights are (1 + α·r)/(1 + α)), Δ_u = its cells' mean minus its control pool's in
+    model space (``encoded``: a latent codec's cells, else X through ``codec``); each unit's weights average 1; the
     control pools' rows (control->control sets) all 1."""
     from perturbdiff.data._store import row_mean
 
@@ -53,5 +54,9 @@ def de_weights(X, index, codec, encoded: np.ndarray | None, alpha: float) -> np.
     out = np.ones((index.n_units + index.n_own_pools, size.shape[1]), np.float32)
     scale = size.mean(1, keepdims=True)
     moved = scale[:, 0] > 0
-    out[: index.n_units][moved] = (1.0 + alpha * size[moved] / scale[moved]) / (1.0 + alpha)
+    r, norm = size[moved] / scale[moved], 1.0 + alpha  # uncapped, mean r = 1
+    if cap > 0:  # the heavy tail: uncapped, a few genes carry most of the term
+        r = np.minimum(r, np.float32(cap))
+        norm = 1.0 + alpha * r.mean(1, keepdims=True)
+    out[: index.n_units][moved] = (1.0 + alpha * r) / norm
     return out

@@ -240,7 +240,8 @@ class CellSetDataset(Dataset):
     ``mean_de_weight`` α > 0 adds ``mean_w`` [B, width] to each batch: the set-mean term's weight per gene,
     (1 + α·|Δ|/mean|Δ|) / (1 + α), where Δ is the set's unit's measured shift (its cells' mean minus its control
     pool's, model space), so the genes a condition moves count more and the weights average 1; control->control
-    sets weigh every gene 1."""
+    sets weigh every gene 1. ``mean_de_cap`` c > 0 caps |Δ|/mean|Δ| at c, and the weights become
+    (1 + α·r)/(1 + α·mean r) with r the capped ratio (still averaging 1; the largest is at most 1 + α·c)."""
 
     def __init__(
         self,
@@ -256,12 +257,13 @@ class CellSetDataset(Dataset):
         part_dropout: float = 0.0,
         part_shift: Callable[[Condition, tuple[str, ...]], np.ndarray] | None = None,
         mean_de_weight: float = 0.0,
+        mean_de_cap: float = 0.0,
     ):
         if adata.n_obs != index.n_obs:
             raise DataError(f"the AnnData has {adata.n_obs} cells but the index was built on {index.n_obs}")
-        if set_size < 1 or control_set_fraction < 0 or mean_de_weight < 0:
-            raise DataError(f"set_size must be >= 1, control_set_fraction and mean_de_weight >= 0 (got {set_size}, "
-                            f"{control_set_fraction}, {mean_de_weight})")
+        if set_size < 1 or control_set_fraction < 0 or mean_de_weight < 0 or mean_de_cap < 0:
+            raise DataError(f"set_size must be >= 1, control_set_fraction, mean_de_weight and mean_de_cap >= 0 (got "
+                            f"{set_size}, {control_set_fraction}, {mean_de_weight}, {mean_de_cap})")
         self.X = row_reader(adata.X)  # in-memory CSR or a store's lazy rows
         self.index, self.set_size, self.seed = index, int(set_size), int(seed)
         self.control_set_fraction, self.codec = float(control_set_fraction), codec or ScaleCodec()
@@ -287,7 +289,8 @@ class CellSetDataset(Dataset):
                              else self._offsets[:, None, :])
         self._mean_w = None
         if mean_de_weight > 0:
-            self._mean_w = de_weights(adata.X, index, self.codec, self.encoded, float(mean_de_weight))
+            self._mean_w = de_weights(adata.X, index, self.codec, self.encoded, float(mean_de_weight),
+                                     float(mean_de_cap))
         self.set_epoch(0)
 
     def _encode_all(self) -> np.ndarray:

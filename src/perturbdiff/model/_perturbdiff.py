@@ -175,7 +175,8 @@ class PerturbDiff(Run):
                                  control_set_fraction=cfg.data.control_set_fraction, codec=self.codec,
                                  offsets=units, part_dropout=cfg.model.pert_dropout if unseen else 0.0,
                                  part_shift=self._part_shift if unseen and self.anchor is not None else None,
-                                 mean_de_weight=cfg.diffusion.mean_de_weight)
+                                 mean_de_weight=cfg.diffusion.mean_de_weight,
+                                 mean_de_cap=cfg.diffusion.mean_de_cap)
         validate = self._validator(device) if self.split.val else None
         trainer = self._fit(dataset, max_steps, out_dir, validate=validate, progress=progress, resume=resume,
                             device=device, files={"split.json": self.split.write})
