@@ -361,3 +361,32 @@ def test_a_run_with_de_weighted_set_means_trains_and_records_its_weight(tmp_path
         cfg.update({"diffusion": {"mean_de_weight": -1.0}}).validate()
     with pytest.raises(ConfigError, match="mean_de_cap"):
         cfg.update({"diffusion": {"mean_de_cap": -1.0}}).validate()
+
+
+def test_validation_cells_are_a_fixed_random_draw_or_the_first_cells():
+    from perturbdiff.model._perturbdiff import validation_cells
+
+    groups = [np.arange(100, 300), np.arange(5, 15)]
+    first = validation_cells(groups, 0, seed=0, set_size=8)  # 0: the first 2 × set_size rows, as before
+    assert [g.tolist() for g in first] == [list(range(100, 116)), list(range(5, 15))]
+    drawn = validation_cells(groups, 50, seed=0, set_size=8)
+    assert [len(g) for g in drawn] == [50, 10]  # capped at the condition's cells
+    assert all(len(np.unique(g)) == len(g) and np.isin(g, src).all() and (np.diff(g) > 0).all()
+               for g, src in zip(drawn, groups))
+    assert drawn[0].max() > 150  # not the first rows: the draw spans the condition
+    assert all(np.array_equal(a, b) for a, b in zip(drawn, validation_cells(groups, 50, seed=0, set_size=8)))
+    assert not np.array_equal(drawn[0], validation_cells(groups, 50, seed=1, set_size=8)[0])
+
+
+def test_a_run_validates_on_val_cells_drawn_cells(tmp_path):
+    adata, split = planted_data(n_per_group=48)
+    cfg = tiny_config(max_steps=10, val_every=5).update({"train": {"val_cells": 40}})
+    PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "drawn", progress=False)
+    PerturbDiff.from_config(cfg.update({"train": {"val_cells": 0}}), adata, split).train(out_dir=tmp_path / "first",
+                                                                                          progress=False)
+    drawn, first = (pd.read_csv(tmp_path / d / "log.csv")["val_ed"].dropna().to_numpy() for d in ("drawn", "first"))
+    assert len(drawn) == 2 and np.isfinite(drawn).all()
+    assert not np.allclose(drawn, first)  # the same training, scored on other cells
+    assert PerturbDiff.load(tmp_path / "drawn").cfg.train.val_cells == 40
+    with pytest.raises(ConfigError, match="val_cells"):
+        cfg.update({"train": {"val_cells": -1}}).validate()

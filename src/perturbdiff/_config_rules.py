@@ -120,7 +120,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "train.eps": (_pos, "> 0"), "train.weight_decay": (_nonneg, ">= 0"), "train.warmup_steps": (_nonneg, ">= 0"),
     "train.plateau_fraction": (_unit, "in [0, 1]"), "train.min_lr_ratio": (_unit, "in [0, 1]"),
     "train.grad_clip": (_pos, "> 0"), "train.max_steps": (_pos, "at least 1"), "train.val_every": (_pos, "at least 1"),
-    "train.val_max_conditions": (_pos, "at least 1"), "train.ema_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "train.val_max_conditions": (_pos, "at least 1"), "train.val_cells": (_nonneg, ">= 0 (0: the first 2 × data.set_size)"), "train.ema_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.ema_every": (_pos, "at least 1"), "train.log_every": (_pos, "at least 1"),
     "train.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "train.grad_accum": (_pos, "at least 1"),

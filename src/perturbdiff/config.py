@@ -35,7 +35,7 @@ DEFAULT_PRESET = "tiny"  # what the command line trains when no preset is named 
 #: keys added after runs were already written, with the value every run written before them used
 INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
               "model.anchor": "", "model.anchor_unseen": False, "diffusion.mean_de_weight": 0.0,
-              "diffusion.mean_de_cap": 0.0}
+              "diffusion.mean_de_cap": 0.0, "train.val_cells": 0}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -200,6 +200,9 @@ class TrainConfig:
     max_steps: int = 20000
     val_every: int = 2000
     val_max_conditions: int = 16  # cap validation conditions per check (cheap but meaningful)
+    # cells per validation condition, drawn at random once (fixed by train.seed); 0 = its first 2 × data.set_size
+    # cells in file order, which a file sorted by lane or plate biases
+    val_cells: int = 0
     ema_decay: float = 0.99
     ema_every: int = 10
     # decay min(ema_decay, (1 + n) / (10 + n)) at the n-th update: without it the average kept 13.5 % of the random

@@ -61,6 +61,15 @@ from perturbdiff.nn import Denoiser
 from perturbdiff.train import load_checkpoint, resume_point
 
 
+def validation_cells(groups: Sequence[np.ndarray], n: int, seed: int, set_size: int) -> list[np.ndarray]:
+    """The rows each validation condition is scored on (``train.val_cells``): ``n`` > 0 drawn at random once
+    (fixed by ``seed``), in row order; 0 = its first 2 × ``set_size`` rows in file order, as every run before."""
+    if n <= 0:
+        return [g[: 2 * set_size] for g in groups]
+    rng = np.random.default_rng([seed, 2])
+    return [np.sort(rng.choice(g, min(len(g), n), replace=False)) for g in groups]
+
+
 class PerturbDiff(Run):
     """A trained (or trainable) set-diffusion model with everything ``predict`` needs."""
 
@@ -206,11 +215,11 @@ class PerturbDiff(Run):
         latent size) compare: a latent run's cells are decoded first (zeros drawn, seeded)."""
         conds = self.split.val[: self.cfg.train.val_max_conditions]
         index = CellSetIndex.build(self.adata, self.keys, conds)
-        S = self.cfg.data.set_size
-        n_cells = [min(len(g), 2 * S) for g in index.groups]
+        cells = validation_cells(index.groups, self.cfg.train.val_cells, self.cfg.train.seed, self.cfg.data.set_size)
+        n_cells = [len(c) for c in cells]
         pools = [index.control_pool(i) for i in range(len(conds))]
         space = self.codec if self.codec.in_place else ScaleCodec(scale=float(self.record["scale"]))
-        real = [space.to_model(as_csr(self.adata.X[g[:n]]).toarray()) for g, n in zip(index.groups, n_cells)]
+        real = [space.to_model(as_csr(self.adata.X[c]).toarray()) for c in cells]
         ctrl_mean = [space.to_model(row_mean(self.adata.X, pool)) for pool in pools]  # store: in blocks
         unseen = self.vocab.unseen_parts([p for _, p in conds])
         if unseen:  # held-out perturbations no prior covers: the generic token is their only route
@@ -218,8 +227,7 @@ class PerturbDiff(Run):
                         "the generic perturbation token", labels([c for c in conds if c[1] in unseen]))
         pearson_delta = metric("pearson_delta").compute
 
-        owner, doses, counts = self._dose_units(self.adata, [g[:n] for g, n in zip(index.groups, n_cells)], n_cells,
-                                                conds)
+        owner, doses, counts = self._dose_units(self.adata, cells, n_cells, conds)
 
         def validate(net: torch.nn.Module) -> dict:
             units = self._cells(self.adata, [conds[i] for i in owner], [pools[i] for i in owner], counts,
