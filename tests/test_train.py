@@ -382,8 +382,8 @@ def test_a_run_validates_on_val_cells_drawn_cells(tmp_path):
     adata, split = planted_data(n_per_group=48)
     cfg = tiny_config(max_steps=10, val_every=5).update({"train": {"val_cells": 40}})
     PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "drawn", progress=False)
-    PerturbDiff.from_config(cfg.update({"train": {"val_cells": 0}}), adata, split).train(out_dir=tmp_path / "first",
-                                                                                          progress=False)
+    plain = PerturbDiff.from_config(cfg.update({"train": {"val_cells": 0}}), adata, split)
+    plain.train(out_dir=tmp_path / "first", progress=False)
     drawn, first = (pd.read_csv(tmp_path / d / "log.csv")["val_ed"].dropna().to_numpy() for d in ("drawn", "first"))
     assert len(drawn) == 2 and np.isfinite(drawn).all()
     assert not np.allclose(drawn, first)  # the same training, scored on other cells
