@@ -134,11 +134,19 @@ def test_select_sample_keeps_first():
 
 def test_evaluate_real_against_itself_is_perfect(tmp_path):
     """One cell-eval run on dense X (numba compiles pdex's tests on first use: ~5 s dense, ~15 s sparse)."""
+    import torch
     from cell_eval import metrics_registry
     from cell_eval._types import MetricBestValue
 
     real = build_real(toy(dense=True), SPLIT)
-    per, agg = evaluate(perturbed(real), real, pert_col=PERT, control=CTRL, context_col=CTX, outdir=tmp_path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        per, agg = evaluate(perturbed(real), real, pert_col=PERT, control=CTRL, context_col=CTX, outdir=tmp_path,
+                            num_threads=2)
+        assert torch.get_num_threads() == 1  # the DE tests' 2 threads do not carry into the next training
+    finally:
+        torch.set_num_threads(before)
     assert len(per) == 4 and {"overlap_at_N", "pr_auc", "pearson_delta", "r2"} <= set(per.columns)
     checked = 0
     for name in per.columns:

@@ -24,6 +24,7 @@ from anndata import AnnData
 from perturbdiff._errors import DataError
 from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
+from perturbdiff._threads import keeps_torch_threads
 from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import make_pair
 from perturbdiff.evaluate._registry import METRICS, headline, label
@@ -94,6 +95,7 @@ def quiet_scorer(names=("cell_eval", "pdex"), *, prefix: str = "cell-eval", leve
                        f"{prefix}: {msg}")
 
 
+@keeps_torch_threads
 def _cell_eval_context(
     pred_ct: AnnData,
     real_ct: AnnData,
