@@ -364,7 +364,7 @@ def test_a_run_with_de_weighted_set_means_trains_and_records_its_weight(tmp_path
 
 
 def test_validation_cells_are_a_fixed_random_draw_or_the_first_cells():
-    from perturbdiff.model._perturbdiff import validation_cells
+    from perturbdiff.data import validation_cells
 
     groups = [np.arange(100, 300), np.arange(5, 15)]
     first = validation_cells(groups, 0, seed=0, set_size=8)  # 0: the first 2 × set_size rows, as before

@@ -9,6 +9,7 @@ _WHERE = {
     "DataKeys": "_keys", "STRATEGIES": "_keys",
     "apply_record": "_preprocess", "get_record": "_preprocess", "preprocess": "_preprocess",
     "CellSetDataset": "_sets", "CellSetIndex": "_sets", "draw_positions": "_sets",
+    "validation_cells": "_set_tables",
     "SetLoader": "_loader", "make_loader": "_loader", "shard_batches": "_loader", "collate_sets": "_loader",
     "Condition": "_split", "Split": "_split", "condition_labels": "_split", "make_split": "_strategies",
     "CellStore": "_store", "StoreMatrix": "_store", "MARKER": "_store", "is_store": "_store", "open_store": "_store",

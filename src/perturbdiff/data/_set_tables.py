@@ -1,9 +1,10 @@
 """Per-unit tables of the cell-set data set, built once before training: the anchor's offsets with dropped parts
-(``model.anchor_unseen``) and the set-mean term's gene weights (``diffusion.mean_de_weight``)."""
+(``model.anchor_unseen``) and the set-mean term's gene weights (``diffusion.mean_de_weight``); and the cells each
+validation condition is scored on (``train.val_cells``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -60,3 +61,12 @@ def de_weights(X, index, codec, encoded: np.ndarray | None, alpha: float, cap: f
         norm = 1.0 + alpha * r.mean(1, keepdims=True)
     out[: index.n_units][moved] = (1.0 + alpha * r) / norm
     return out
+
+
+def validation_cells(groups: Sequence[np.ndarray], n: int, seed: int, set_size: int) -> list[np.ndarray]:
+    """The rows each validation condition is scored on (``train.val_cells``): ``n`` > 0 drawn at random once
+    (fixed by ``seed``), in row order; 0 = its first 2 × ``set_size`` rows in file order, as every run before."""
+    if n <= 0:
+        return [g[: 2 * set_size] for g in groups]
+    rng = np.random.default_rng([seed, 2])
+    return [np.sort(rng.choice(g, min(len(g), n), replace=False)) for g in groups]

@@ -38,6 +38,7 @@ from perturbdiff.data import (
     row_mean,
     training_mask,
     unseen_error,
+    validation_cells,
 )
 from perturbdiff.diffusion import energy_distance
 from perturbdiff.evaluate import metric
@@ -59,15 +60,6 @@ from perturbdiff.model._output import assemble, output_uns, sampler_settings, wi
 from perturbdiff.model._run import TASK, Run, build_network
 from perturbdiff.nn import Denoiser
 from perturbdiff.train import load_checkpoint, resume_point
-
-
-def validation_cells(groups: Sequence[np.ndarray], n: int, seed: int, set_size: int) -> list[np.ndarray]:
-    """The rows each validation condition is scored on (``train.val_cells``): ``n`` > 0 drawn at random once
-    (fixed by ``seed``), in row order; 0 = its first 2 × ``set_size`` rows in file order, as every run before."""
-    if n <= 0:
-        return [g[: 2 * set_size] for g in groups]
-    rng = np.random.default_rng([seed, 2])
-    return [np.sort(rng.choice(g, min(len(g), n), replace=False)) for g in groups]
 
 
 class PerturbDiff(Run):
