@@ -122,7 +122,8 @@ class DiffusionConfig:
     # (docs/BENCHMARKS.md, "Fourth pass")
     mean_de_weight: float = 0.0
     # cap of |Δ_g|/mean|Δ| in those weights (0 = none): uncapped at α = 2 the largest weight on devel_combo_inner was
-    # 155 (mean 1), so a few genes carried the term; capped at c the largest is at most 1 + α·c
+    # 155 (mean 1), so a few genes carried the term; capped at c the largest is at most 1 + α·c. Measured at c = 10
+    # and 3, the DE gain went with the cost (docs/BENCHMARKS.md, "Fifth pass")
     mean_de_cap: float = 0.0
     self_cond_prob: float = 0.5
     # ref 0.5; our probe found guidance w=1 hurt (SPEC §8), so w=0 is the default and the unconditional
@@ -201,7 +202,8 @@ class TrainConfig:
     val_every: int = 2000
     val_max_conditions: int = 16  # cap validation conditions per check (cheap but meaningful)
     # cells per validation condition, drawn at random once (fixed by train.seed); 0 = its first 2 × data.set_size
-    # cells in file order, which a file sorted by lane or plate biases
+    # cells in file order, which a file sorted by lane or plate biases (on the shared files, whose cells are not
+    # sorted, 256 tied the default: docs/BENCHMARKS.md, "Fifth pass")
     val_cells: int = 0
     ema_decay: float = 0.99
     ema_every: int = 10
