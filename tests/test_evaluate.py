@@ -313,3 +313,15 @@ def test_experiment_card_says_what_was_compared():
     card = dict(experiment_card(results, {"model": keys}, "model", {"model": pred}, real, pert_col=PERT,
                                 control=CTRL, context_col=CTX, baselines=["mean"]))
     assert card["model"].startswith("model: flow process over a 128-dimensional latent, hidden 64")
+
+
+def test_the_scorer_context_gives_torch_its_thread_count_back():
+    import torch
+
+    from perturbdiff.evaluate._metrics import quiet_scorer
+
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError), quiet_scorer():
+        torch.set_num_threads(before + 1)  # as pdex's numba.set_num_threads does through the shared OpenMP pool
+        raise ValueError("a scorer failing after changing the count")
+    assert torch.get_num_threads() == before

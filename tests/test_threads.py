@@ -147,18 +147,3 @@ def test_a_resumed_auto_run_continues_with_the_recorded_count(tmp_path, monkeypa
     assert "training step" not in calls  # not measured again: the checkpoint's count is taken
     assert torch.get_num_threads() == 2
 
-
-def test_keeps_torch_threads_restores_the_count_a_wrapped_call_changed():
-    import torch
-
-    from perturbdiff._threads import keeps_torch_threads
-
-    @keeps_torch_threads
-    def scorer(n):
-        torch.set_num_threads(n)
-        raise ValueError("fails after changing the count")
-
-    before = torch.get_num_threads()
-    with pytest.raises(ValueError):
-        scorer(before + 1)
-    assert torch.get_num_threads() == before

@@ -16,7 +16,6 @@ torch is imported only where a count is set or timed, so the command line parses
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import statistics
@@ -40,25 +39,6 @@ def cpu_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # macOS, Windows
         return max(1, os.cpu_count() or 1)
-
-
-def keeps_torch_threads(fn: Callable) -> Callable:
-    """Decorator: torch's thread count after ``fn`` is what it was before. cell-eval's DE tests (pdex) set numba's
-    thread count, which sets the OpenMP pool torch shares, so a training after a scoring in the same process ran at
-    the scorer's count: its floating-point sums, and so its result, differed from the same run started afresh
-    (docs/BENCHMARKS.md, "Fifth pass")."""
-
-    @functools.wraps(fn)
-    def kept(*args, **kwargs):
-        import torch
-
-        n = torch.get_num_threads()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
-
-    return kept
 
 
 def parse_threads(value) -> str | int | None:

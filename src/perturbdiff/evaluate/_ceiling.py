@@ -19,13 +19,11 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from perturbdiff._threads import keeps_torch_threads
 from perturbdiff.evaluate._metrics import quiet_scorer
 
 CEILING = "data ceiling"  # the row name of the ceiling in a results table (never a contender)
 
 
-@keeps_torch_threads
 def data_ceiling(real: AnnData, *, pert_col: str, control: str, context_col: str, num_threads: int = 2,
                  profile: str = "full", seed: int = 0) -> pd.Series:
     """The ceiling of every metric over the real test cells (``build_real``'s layout), mean over contexts."""

@@ -33,7 +33,6 @@ import pandas as pd
 from anndata import AnnData
 
 from perturbdiff._errors import ConfigError
-from perturbdiff._threads import keeps_torch_threads
 from perturbdiff.evaluate._layout import make_pair
 from perturbdiff.evaluate._metrics import one_context, quiet_scorer
 
@@ -89,7 +88,6 @@ def scored_members(cfg) -> list[str]:
     return [m for m in resolve_metrics(cfg.metrics, version=cfg.version)[0] if CATALOG[m].scoring.scored]
 
 
-@keeps_torch_threads
 def score_cell_eval2(
     pred: AnnData,
     real: AnnData,

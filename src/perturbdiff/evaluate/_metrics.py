@@ -24,7 +24,6 @@ from anndata import AnnData
 from perturbdiff._errors import DataError
 from perturbdiff._io import atomic_write_text
 from perturbdiff._logging import logger
-from perturbdiff._threads import keeps_torch_threads
 from perturbdiff.data import group_means
 from perturbdiff.evaluate._layout import make_pair
 from perturbdiff.evaluate._registry import METRICS, headline, label
@@ -74,7 +73,13 @@ class _Collect(logging.Handler):
 @contextlib.contextmanager
 def quiet_scorer(names=("cell_eval", "pdex"), *, prefix: str = "cell-eval", level: int | None = None):
     """Route a scorer's warnings into our log (once per message) instead of Python's last-resort stderr; ``level``
-    None logs the routine ones at debug and the rest at info, else all at ``level``."""
+    None logs the routine ones at debug and the rest at info, else all at ``level``. torch's thread count is given
+    back too: pdex sets numba's, which sets the OpenMP pool torch shares, so a training after a scoring in one process
+    ran at the scorer's count and computed other sums than the same run started afresh (docs/BENCHMARKS.md, "Fifth
+    pass")."""
+    import torch
+
+    threads = torch.get_num_threads()
     handler = _Collect()
     loggers = [logging.getLogger(n) for n in names]
     saved = [(lg.propagate, lg.level) for lg in loggers]
@@ -85,6 +90,7 @@ def quiet_scorer(names=("cell_eval", "pdex"), *, prefix: str = "cell-eval", leve
     try:
         yield handler
     finally:
+        torch.set_num_threads(threads)
         for lg, (prop, level) in zip(loggers, saved):
             lg.removeHandler(handler)
             lg.propagate, lg.level = prop, level
@@ -95,7 +101,6 @@ def quiet_scorer(names=("cell_eval", "pdex"), *, prefix: str = "cell-eval", leve
                        f"{prefix}: {msg}")
 
 
-@keeps_torch_threads
 def _cell_eval_context(
     pred_ct: AnnData,
     real_ct: AnnData,
