@@ -6,6 +6,7 @@
     python benchmarks/variance_probe.py ... --probe mixture     # three seeds' sets pooled into one population
     python benchmarks/variance_probe.py ... --probe sampler --variants "steps=50;steps=12;solver=heun;set_size=64"
     python benchmarks/variance_probe.py ... --probe baselines   # the baselines on the same validation conditions
+    python benchmarks/variance_probe.py ... --probe anchors     # auto's anchor criterion for routes and their blends
 
 Every probe reads the runs ``seed0..2`` of ``--tag`` (their best checkpoints) and scores the validation conditions
 with the test protocol (cell-eval 0.8.2 per context, R²), as ``validation_cell_eval.py`` does.
@@ -21,6 +22,9 @@ with the test protocol (cell-eval 0.8.2 per context, R²), as ``validation_cell_
 - ``sampler``: ``key=value`` changes of the sample settings (and ``set_size``, the cells generated jointly).
 - ``baselines``: additive, linear, train_mean and knn fitted on the training conditions, predicting each validation
   condition at the size of its group.
+- ``anchors``: no run is read. The shift MSE on the validation conditions that ``model.anchor = "auto"`` chooses
+  by, for each route and for the equal blends of two or all three, with each route's mean cosine to the measured
+  shifts.
 """
 
 from __future__ import annotations
@@ -122,20 +126,45 @@ def whole_set_mixture(preds, split, set_size: int):
     return ad.concat([preds[0][control]] + [p[t] for p, t in zip(preds, take)])
 
 
+def anchors(prep, keys, split, split_name: str) -> None:
+    """Shift MSE on the validation conditions (auto's criterion) of each route and of equal blends of routes."""
+    from itertools import combinations
+
+    from perturbdiff._config_rules import AUTO_ANCHORS
+    from perturbdiff.data import condition_shifts
+    from perturbdiff.model._anchor import Anchor
+
+    fitted = Anchor.fit("knn", prep, keys, split.train)
+    measured = condition_shifts(prep, keys, split.val)
+    real, val = np.stack(list(measured.values())), list(measured)  # (V, G)
+    shifts = {r: replace(fitted, route=r, _baseline=None).shift(val) for r in AUTO_ANCHORS}
+    print("| split | anchor | shift MSE on validation | mean cosine to the measured shift |")
+    print("|---|---|---|---|")
+    for k in (1, 2, 3):
+        for group in combinations(shifts, k):
+            blend = sum(shifts[r] for r in group) / k
+            cos = np.mean([x @ y / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-12) for x, y in zip(blend, real)])
+            print(f"| {split_name} | {' + '.join(group)}{f' (÷ {k})' if k > 1 else ''} | "
+                  f"{np.mean((blend - real) ** 2):.5f} | {cos:.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="bench_work")
     p.add_argument("--split", required=True)
     p.add_argument("--tag", default="e-def1-5k", help="the runs seed0..2 under work/split/tag")
     p.add_argument("--probe", required=True, choices=("spread", "noise", "controls", "mixture", "sampler",
-                                                      "baselines"))
+                                                      "baselines", "anchors"))
     p.add_argument("--variants", default="", help="sampler: ';'-separated 'key=value,...' sample settings")
     p.add_argument("--draws", type=int, default=32, help="controls: draws to choose each condition's sets among")
     p.add_argument("--shared", default=str(SHARED))
     args = p.parse_args()
     from perturbdiff import PerturbDiff
 
-    prep, split, _ = prepare(args.split, Path(args.work), Path(args.shared))
+    prep, split, keys = prepare(args.split, Path(args.work), Path(args.shared))
+    if args.probe == "anchors":
+        anchors(prep, keys, split, args.split)
+        return
     print("| split | variant | n | " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * (len(COLUMNS) + 3))
     if args.probe == "baselines":
