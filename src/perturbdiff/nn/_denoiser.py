@@ -43,11 +43,11 @@ class Denoiser(nn.Module):
         self.x_in = nn.Linear(2 * n_genes, h)
         self.ctrl_in = nn.Linear(n_genes, h)
         self.t_embed = TimestepEmbedder(h)
+        combo = cfg.pert_dropout if cfg.pert_dropout_combo < 0 else cfg.pert_dropout_combo
         self.cov_encoder = CovariateEncoder(
             vocab_sizes, cfg.cov_dim, h, pert_table=pert_table, context_dropout=cfg.context_dropout,
             pert_dropout=0.0 if cfg.anchor_unseen else cfg.pert_dropout,  # anchor_unseen: the data drops parts
-            combo_dropout=0.0 if cfg.anchor_unseen else cfg.pert_dropout_combo if cfg.pert_dropout_combo >= 0
-            else cfg.pert_dropout,
+            combo_dropout=0.0 if cfg.anchor_unseen else combo,
             batch_dropout=cfg.batch_dropout, prior_dropout=cfg.prior_dropout,
             interaction=cfg.pert_interaction, dose_values=dose_values if cfg.continuous_dose else None
         )
