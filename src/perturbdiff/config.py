@@ -71,8 +71,8 @@ class ModelConfig:
     batch_dropout: float = 0.1  # the same for batches, so cells of an unseen batch get a trained <unknown> token
     pert_dropout: float = 0.05  # replace perturbation parts by a generic token: an explicit fallback for unseen ones
     # the same share for the parts of a combination (two or more parts), to train "A + a part never seen" more often
-    # without training known singles less; -1 = pert_dropout. At 0.25 it lost on validation: combo ED and
-    # overlap@N, devel_gbm pearson_delta (docs/BENCHMARKS.md, "Sixth pass")
+    # without training known singles less; -1 = pert_dropout. At 0.25 it lost on validation: devel_combo_inner ED
+    # and overlap@N, devel_gbm_inner discrimination l1 (docs/BENCHMARKS.md, "Sixth pass")
     pert_dropout_combo: float = -1.0
     pert_embedding: str = ""  # optional frozen embedding table (TSV/CSV/NPZ keyed by label) for unseen labels
     # priors for perturbations never seen in training (data/_priors.py), comma-separated: coexpression (measured
