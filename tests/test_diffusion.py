@@ -309,3 +309,16 @@ def test_the_output_form_belongs_to_the_process_not_the_network():
 def test_the_configured_process_kind_is_built():
     assert isinstance(make_process(Config().update({"diffusion.process": "vp"}).diffusion), PROCESSES["vp"])
     assert isinstance(make_process(Config().diffusion), PROCESSES[Config().diffusion.process])
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_a_network_trained_without_self_conditioning_is_never_fed_its_own_estimate(kind, guidance):
+    batch = make_batch()
+    for prob, fed in ((0.5, True), (0.0, False)):
+        rec = Recorder(tiny_model())
+        process = make_process(DiffusionConfig(process=kind, self_cond_prob=prob))
+        process.sample(rec, batch["control"], cov_of(batch), SampleConfig(steps=4, guidance=guidance),
+                       generator=torch.Generator().manual_seed(0))
+        assert len(rec.calls) == 4 and not rec.calls[0]["x_self"].any()
+        assert all(bool(c["x_self"].any()) == fed for c in rec.calls[1:])  # zeros, as in its training

@@ -126,7 +126,8 @@ class FlowMatching:
             tt = torch.full((n,), t, device=x.device)
             xin = torch.cat([x, x]) if w != 0.0 else x
             x1, v = self.predict(network, xin, state["x_self"], ctrl, tt, cov, uncond)
-            state["x_self"] = x1
+            if self.cfg.self_cond_prob > 0:  # a network trained without self-conditioning only ever saw zeros there
+                state["x_self"] = x1
             if w != 0.0:
                 v = guide(*v.chunk(2), w)
                 x1 = x + (1.0 - t) * v

@@ -104,6 +104,7 @@ class VPDiffusion:
         if w != 0.0:
             controls, covariates, uncond = doubled(controls, covariates)  # (2B, S, G)
         x_self = torch.zeros(controls.shape, device=x.device)  # (B|2B, S, G)
+        feed = self.cfg.self_cond_prob > 0  # a network trained without self-conditioning only ever saw zeros there
         was_training = network.training
         network.eval()
         try:
@@ -111,14 +112,16 @@ class VPDiffusion:
                 t_b = torch.full((b,), t, device=x.device, dtype=torch.long)  # (B,)
                 if w != 0.0:
                     tt = torch.full((2 * b,), t, device=x.device, dtype=torch.long)
-                    x_self = self.predict_x0(network, torch.cat([x, x]), x_self, controls, tt, covariates,
-                                             uncond).float()  # (2B, S, G)
-                    x0_c, x0_u = x_self.chunk(2)
+                    both = self.predict_x0(network, torch.cat([x, x]), x_self, controls, tt, covariates,
+                                           uncond).float()  # (2B, S, G)
+                    x_self = both if feed else x_self
+                    x0_c, x0_u = both.chunk(2)
                     eps = guide(eps_from_x0(sched, x, t_b, x0_c), eps_from_x0(sched, x, t_b, x0_u), w)
                     x0 = x0_from_eps(sched, x, t_b, eps)
                     x0 = x0.clamp_min(0.0) if self.nonnegative else x0
                 else:
-                    x0 = x_self = self.predict_x0(network, x, x_self, controls, t_b, covariates).float()
+                    x0 = self.predict_x0(network, x, x_self, controls, t_b, covariates).float()
+                    x_self = x0 if feed else x_self
                 if self.clip is not None:
                     x0 = self.clip(x0)
                 eps = eps_from_x0(sched, x, t_b, x0)  # (B, S, G)
