@@ -390,3 +390,31 @@ def test_a_run_validates_on_val_cells_drawn_cells(tmp_path):
     assert PerturbDiff.load(tmp_path / "drawn").cfg.train.val_cells == 40
     with pytest.raises(ConfigError, match="val_cells"):
         cfg.update({"train": {"val_cells": -1}}).validate()
+
+
+def test_selection_score_weighs_the_mean_response_only_when_asked():
+    from perturbdiff.train._loop import selection_score
+
+    scores = {"val_score": 0.8, "val_ed": 0.8, "val_pearson_delta": 0.25}
+    assert selection_score(scores, "ed") == 0.8
+    assert selection_score(scores, "ed_pearson") == pytest.approx(0.6)
+    # a worse population with a much better mean response wins under ed_pearson only
+    better_mean = {"val_score": 0.9, "val_ed": 0.9, "val_pearson_delta": 0.5}
+    assert selection_score(better_mean, "ed") > selection_score(scores, "ed")
+    assert selection_score(better_mean, "ed_pearson") < selection_score(scores, "ed_pearson")
+    assert selection_score({**scores, "val_pearson_delta": float("nan")}, "ed_pearson") == 0.8  # undefined: ED
+
+
+def test_a_run_picks_its_best_checkpoint_by_val_select(tmp_path):
+    adata, split = planted_data(n_per_group=48)
+    cfg = tiny_config(max_steps=15, val_every=5).update({"train": {"val_select": "ed_pearson"}})
+    model = PerturbDiff.from_config(cfg, adata, split)
+    model.train(out_dir=tmp_path / "run", progress=False)
+    log = pd.read_csv(tmp_path / "run" / "log.csv").dropna(subset=["val_ed"])
+    assert len(log) == 3
+    np.testing.assert_allclose(log["val_score"], log["val_ed"] * (1 - log["val_pearson_delta"]), rtol=1e-4)
+    best = load_checkpoint(tmp_path / "run" / "best.safetensors")[1]
+    assert best["state"]["best_step"] == int(log["step"].iloc[int(np.argmin(log["val_score"]))])
+    assert PerturbDiff.load(tmp_path / "run").cfg.train.val_select == "ed_pearson"
+    with pytest.raises(ConfigError, match="val_select"):
+        cfg.update({"train": {"val_select": "pearson"}}).validate()

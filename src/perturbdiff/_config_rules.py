@@ -14,6 +14,7 @@ FLOW_CHOICES = {"flow_source": ("noise", "control"), "flow_pairing": ("random", 
 SOLVERS = ("euler", "heun", "dopri5", "rk4")
 CODEC_KINDS = ("scale", "latent")  # perturbdiff.data.CODECS
 PRECISIONS = ("auto", "bf16", "fp32")
+VAL_SELECT = ("ed", "ed_pearson")  # perturbdiff.train._loop.selection_score
 ZERO_MODES = ("sample", "mean", "threshold")  # perturbdiff.data._latent.ZERO_MODES
 PRIOR_ROUTES = ("coexpression", "knowledge", "effects")  # model.pert_prior; perturbdiff.data._priors reads it
 # model.anchor (or ""): the baselines a model may start from; knn_mean is knn where a part no route places takes the
@@ -124,6 +125,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "train.grad_clip": (_pos, "> 0"), "train.max_steps": (_pos, "at least 1"), "train.val_every": (_pos, "at least 1"),
     "train.val_max_conditions": (_pos, "at least 1"),
     "train.val_cells": (_nonneg, ">= 0 (0: the first 2 × data.set_size)"),
+    "train.val_select": (lambda v: v in VAL_SELECT, f"one of {', '.join(VAL_SELECT)}"),
     "train.ema_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.ema_every": (_pos, "at least 1"), "train.log_every": (_pos, "at least 1"),
     "train.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),

@@ -43,6 +43,17 @@ LOG_FIELDS = ["step", "epoch", "lr", "loss", "mse", "ed", "mean", "grad_norm", "
               "val_pearson_delta"]
 
 
+def selection_score(scores: dict, rule: str) -> float:
+    """The number that picks the best checkpoint (lower is better) from a validator's scores: ``ed`` its
+    ``val_score``; ``ed_pearson`` ED × (1 − pearson_delta), so a checkpoint that moves the populations no further but
+    gets the mean response more right wins (ED alone where pearson_delta is undefined)."""
+    score = scores.get("val_score", math.inf)
+    r = scores.get("val_pearson_delta", math.nan)
+    if rule == "ed_pearson" and "val_ed" in scores and math.isfinite(r):
+        return scores["val_ed"] * (1.0 - r)
+    return score
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -239,7 +250,7 @@ class Trainer:
             self.save("best")
             return {}
         scores = self.validate(self.ema.module)
-        score = scores.get("val_score", math.inf)
+        score = scores["val_score"] = selection_score(scores, self.cfg.train.val_select)  # the log shows it
         if score < self.state.best_score:
             self.state.best_score, self.state.best_step = score, self.state.step
             if self.out_dir is None:  # no best.safetensors to read back: keep the weights themselves
