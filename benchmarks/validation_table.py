@@ -3,8 +3,8 @@
     python benchmarks/validation_table.py --work bench_work [--tags small-2k-v2,flow-noise-2k]
 
 For each split and tag: mean ± sd over seeds of the validator's scores at each run's best checkpoint (the lowest
-val_score, the energy distance; what `predict` loads): val_ed (lower is better) and val_pearson_delta, from the
-run's log.csv (written by training, so nothing is re-computed).
+val_score, the score `train.val_select` picks by, the energy distance by default; what `predict` loads): val_ed
+(lower is better) and val_pearson_delta, from the run's log.csv (written by training, so nothing is re-computed).
 """
 
 from __future__ import annotations

@@ -47,11 +47,10 @@ def selection_score(scores: dict, rule: str) -> float:
     """The number that picks the best checkpoint (lower is better) from a validator's scores: ``ed`` its
     ``val_score``; ``ed_pearson`` ED × (1 − pearson_delta), so a checkpoint that moves the populations no further but
     gets the mean response more right wins (ED alone where pearson_delta is undefined)."""
-    score = scores.get("val_score", math.inf)
     r = scores.get("val_pearson_delta", math.nan)
     if rule == "ed_pearson" and "val_ed" in scores and math.isfinite(r):
         return scores["val_ed"] * (1.0 - r)
-    return score
+    return scores.get("val_score", math.inf)
 
 
 @dataclass
