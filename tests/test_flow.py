@@ -75,6 +75,24 @@ def test_guidance_mixes_velocities_in_one_doubled_forward():
     assert [c["b"] for c in rec.calls] == [2 * B] * 3
 
 
+@pytest.mark.parametrize("w", [-1.0, -0.5, 0.0, 1.0])
+def test_guidance_gives_the_blend_of_the_two_branches_endpoints(w):
+    """(1 + w)·cond − w·uncond on velocities of perfect endpoint predictors lands on the same blend of the two
+    endpoints (clipped at 0, where w > 0 extrapolates below it): w = -1 is the unconditional branch alone, -0.5
+    the midpoint, 0 the conditional alone."""
+    g = torch.Generator().manual_seed(7)
+    x_cond, x_uncond = torch.rand(B, S, G, generator=g), torch.rand(B, S, G, generator=g)
+
+    class TwoBranches(Recorder):
+        def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
+            mask = torch.zeros(x_t.shape[0], dtype=torch.bool) if uncond is None else uncond
+            return torch.where(mask[:, None, None], x_uncond.repeat(x_t.shape[0] // B, 1, 1),
+                               x_cond.repeat(x_t.shape[0] // B, 1, 1)) + 0 * self.w
+
+    out = flow().sample(TwoBranches(None), torch.zeros(B, S, G), cov(), SampleConfig(steps=4, guidance=w))
+    torch.testing.assert_close(out, ((1 + w) * x_cond - w * x_uncond).clamp_min(0))
+
+
 def test_ot_pairing_is_a_permutation_with_the_least_squared_distance():
     g = torch.Generator().manual_seed(5)
     target = torch.rand(2, 6, 4, generator=g)

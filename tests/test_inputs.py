@@ -146,6 +146,7 @@ def test_val_and_test_overlap_is_refused(flow):
     ("model.qk_norm=maybe", "'model.qk_norm' needs true or false"),
     ("train.max_steps=0", "train.max_steps = 0 (at least 1)"),
     ("data.set_size=-3", "data.set_size = -3"),
+    ("sample.guidance=-1.5", "sample.guidance = -1.5 (>= -1"),
 ])
 def test_bad_config_values_fail_before_any_work(flow, tmp_path, capsys, override, message):
     d, _ = flow

@@ -162,6 +162,23 @@ def test_io_layer_choices_change_exactly_their_parameters(pretrained, synthetic_
     assert net["x_in.weight"].shape == (16, 2 * G)
 
 
+def test_a_marginal_is_never_guided(pretrained, synthetic_prep, split):
+    """Pretraining pins sample.guidance to 0 whatever the preset says, and zero-shot samples without guidance even
+    where a run's config records a weight: a marginal has no perturbation to lean towards or away from."""
+    from perturbdiff.model import pretrain_config
+
+    assert pretrain_config(tiny_cfg().update({"sample.guidance": -0.5})).sample.guidance == 0.0
+    own = pretrained.cfg.sample.guidance
+    kw = dict(split=split, n_cells=8, include_controls=False, progress=False, seed=1)
+    plain = pretrained.zero_shot(synthetic_prep, **kw).X.toarray()
+    try:
+        pretrained.cfg.sample.guidance = -0.5
+        weighted = pretrained.zero_shot(synthetic_prep, **kw).X.toarray()
+    finally:
+        pretrained.cfg.sample.guidance = own
+    np.testing.assert_array_equal(weighted, plain)
+
+
 def test_pretrain_finetune_predict_and_zero_shot_end_to_end(tmp_path, synthetic_prep, atlas, split):
     task, plain, sp_path = tmp_path / "task.h5ad", tmp_path / "atlas.h5ad", tmp_path / "split.json"
     synthetic_prep.write_h5ad(task)

@@ -112,7 +112,11 @@ RULES: dict[str, tuple[Any, str]] = {
     "sample.solver": (lambda v: v in SOLVERS, f"one of {', '.join(SOLVERS)}"),
     "sample.steps": (_pos, "at least 1"),
     "sample.start": (lambda v: v in SAMPLER_STARTS, f"one of {', '.join(SAMPLER_STARTS)}"),
-    "sample.truncated_start_t": (_nonneg, ">= 0"), "sample.guidance": (math.isfinite, "a finite number"),
+    "sample.truncated_start_t": (_nonneg, ">= 0"),
+    # (1 + w)·cond − w·uncond: w < 0 leans towards the unconditional branch, -1 is that branch alone; below -1 the
+    # prediction would be pushed away from its own condition
+    "sample.guidance": (lambda v: math.isfinite(v) and v >= -1,
+                        ">= -1: -1 samples the unconditional branch alone, 0 the conditional alone"),
     "codec.kind": (lambda v: v in CODEC_KINDS, f"one of {', '.join(CODEC_KINDS)}"),
     "codec.zero_threshold": (_nonneg, ">= 0"),
     "codec.latent_dim": (_pos, "at least 1"), "codec.latent_hidden": (_pos, "at least 1"),

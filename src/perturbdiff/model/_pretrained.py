@@ -49,12 +49,13 @@ from perturbdiff.model._output import assemble, output_uns, with_real_controls
 from perturbdiff.model._run import PRETRAIN, Run, build_network
 from perturbdiff.nn import DatasetLinear, Denoiser
 
-#: what pretraining always sets: control stream zero (SPEC §5)
-PRETRAIN_SETTINGS = {"diffusion.p_drop_control": 1.0}
+#: what pretraining always sets: control stream zero (SPEC §5), and no guidance: a marginal has no perturbation to
+#: lean towards or away from (a preset's guidance weight is for the finetuned task)
+PRETRAIN_SETTINGS = {"diffusion.p_drop_control": 1.0, "sample.guidance": 0.0}
 
 
 def pretrain_config(cfg: Config) -> Config:
-    """The config with the settings marginal pretraining needs (control stream zero)."""
+    """The config with the settings marginal pretraining needs (control stream zero, no guidance)."""
     return cfg.update(PRETRAIN_SETTINGS)
 
 
@@ -204,7 +205,7 @@ class Pretrained(Run):
             raise DataError(f"no cells of condition {missing[0]!r} in the data to size the prediction: pass n_cells")
         genes = [str(g) for g in adata.var_names]
         d = self.dataset_index(dataset, genes)
-        settings = sample_settings(self.cfg.sample, steps=steps, start=start, solver=solver)
+        settings = sample_settings(self.cfg.sample, guidance=0.0, steps=steps, start=start, solver=solver)
         plan = plan_sets(counts, self.cfg.data.set_size, n_samples, seed)
         cells = generate(self, plan, self._covariates(self.context_tokens(conditions)[plan.cond], d), settings=settings,
                          n_genes=len(self.genes), seed=seed, device=device, progress=progress,
