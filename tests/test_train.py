@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -418,3 +420,56 @@ def test_a_run_picks_its_best_checkpoint_by_val_select(tmp_path):
     assert PerturbDiff.load(tmp_path / "run").cfg.train.val_select == "ed_pearson"
     with pytest.raises(ConfigError, match="val_select"):
         cfg.update({"train": {"val_select": "pearson"}}).validate()
+
+
+def test_the_choosing_validator_keeps_the_weight_that_scores_best():
+    from types import SimpleNamespace
+
+    from perturbdiff.model._guidance import choosing_validator
+
+    ed = {0.0: 0.9, -0.5: 0.7, -1.0: 0.8}
+    pearson = {0.0: 0.6, -0.5: 0.1, -1.0: 0.5}
+    seen = []
+
+    def fake(net, settings=None):
+        w = 0.0 if settings is None else settings.guidance
+        seen.append(w)
+        return {"val_score": ed[w], "val_ed": ed[w], "val_pearson_delta": pearson[w]}
+
+    run = SimpleNamespace(cfg=tiny_config().update({"train": {"val_guidance": "0,-0.5,-1"}}), summary={})
+    out = choosing_validator(fake, run)(None)
+    assert seen == [0.0, -0.5, -1.0]  # every candidate scored, in order
+    assert out == {"val_score": 0.7, "val_ed": 0.7, "val_pearson_delta": 0.1, "val_guidance": -0.5}
+    assert run.summary["guidance"] == {"chosen": -0.5, "scores": {"0.0": 0.9, "-0.5": 0.7, "-1.0": 0.8}}
+    # by ED × (1 − pearson_delta) the conditional branch's better mean response wins instead
+    run.cfg = run.cfg.update({"train": {"val_select": "ed_pearson"}})
+    assert choosing_validator(fake, run)(None)["val_guidance"] == 0.0  # 0.36 < 0.4 (-1) < 0.63 (-0.5)
+    run.cfg = tiny_config()  # no candidates: the plain validator, untouched
+    assert choosing_validator(fake, run) is fake
+
+
+def test_a_run_chooses_its_guidance_weight_on_validation_and_predicts_at_it(tmp_path):
+    adata, split = planted_data(n_per_group=48)
+    cfg = tiny_config(max_steps=15, val_every=5).update({"train": {"val_guidance": "0,-1"}})
+    model = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "run", progress=False)
+    log = pd.read_csv(tmp_path / "run" / "log.csv").dropna(subset=["val_ed"])
+    assert len(log) == 3 and set(log["val_guidance"]) <= {0.0, -1.0}
+    best = int(load_checkpoint(tmp_path / "run" / "best.safetensors")[1]["state"]["best_step"])
+    at_best = log[log["step"] == best].iloc[0]
+    chosen = model.summary["guidance"]
+    assert chosen["chosen"] == at_best["val_guidance"]
+    assert min(chosen["scores"].values()) == pytest.approx(at_best["val_score"], rel=1e-4)
+    loaded = PerturbDiff.load(tmp_path / "run", adata=adata)
+    assert loaded.summary["guidance"] == chosen and loaded.sample_settings().guidance == chosen["chosen"]
+    kw = dict(subset="test", n_cells=16, seed=0, include_controls=False, progress=False)
+    plain = loaded.predict(**kw)
+    assert json.loads(plain.uns["perturbdiff"]["settings"])["guidance"] == chosen["chosen"]
+    np.testing.assert_array_equal(plain.X.toarray(), loaded.predict(**kw, guidance=chosen["chosen"]).X.toarray())
+    other = -1.0 if chosen["chosen"] == 0.0 else 0.0
+    assert not np.array_equal(plain.X.toarray(), loaded.predict(**kw, guidance=other).X.toarray())
+    # without a run folder the choice is the validator's at the best step, kept in memory
+    memory = PerturbDiff.from_config(cfg, adata, split).train(progress=False)
+    assert memory.summary["guidance"]["chosen"] in (0.0, -1.0)
+    assert memory.summary["guidance"] == memory.trainer.validate.history[memory.trainer.state.best_step]
+    with pytest.raises(ConfigError, match="val_guidance"):
+        cfg.update({"train": {"val_guidance": "0,-1.5"}}).validate()

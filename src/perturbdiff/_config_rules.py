@@ -85,6 +85,19 @@ def _nonneg(v) -> bool:
     return v >= 0
 
 
+def _guidance(v) -> bool:
+    """(1 + w)·cond − w·uncond: w < 0 leans towards the unconditional branch, -1 is that branch alone; below -1
+    the prediction would be pushed away from its own condition."""
+    return math.isfinite(v) and v >= -1
+
+
+def _guidance_list(v) -> bool:
+    try:
+        return all(_guidance(float(w)) for w in str(v).split(",") if w.strip())
+    except ValueError:
+        return False
+
+
 #: key -> (check, what it needs); Config.validate applies them to the resolved config
 RULES: dict[str, tuple[Any, str]] = {
     "data.set_size": (_pos, "at least 1"), "data.batch_sets": (_pos, "at least 1"),
@@ -113,10 +126,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "sample.steps": (_pos, "at least 1"),
     "sample.start": (lambda v: v in SAMPLER_STARTS, f"one of {', '.join(SAMPLER_STARTS)}"),
     "sample.truncated_start_t": (_nonneg, ">= 0"),
-    # (1 + w)·cond − w·uncond: w < 0 leans towards the unconditional branch, -1 is that branch alone; below -1 the
-    # prediction would be pushed away from its own condition
-    "sample.guidance": (lambda v: math.isfinite(v) and v >= -1,
-                        ">= -1: -1 samples the unconditional branch alone, 0 the conditional alone"),
+    "sample.guidance": (_guidance, ">= -1: -1 samples the unconditional branch alone, 0 the conditional alone"),
     "codec.kind": (lambda v: v in CODEC_KINDS, f"one of {', '.join(CODEC_KINDS)}"),
     "codec.zero_threshold": (_nonneg, ">= 0"),
     "codec.latent_dim": (_pos, "at least 1"), "codec.latent_hidden": (_pos, "at least 1"),
@@ -130,6 +140,7 @@ RULES: dict[str, tuple[Any, str]] = {
     "train.val_max_conditions": (_pos, "at least 1"),
     "train.val_cells": (_nonneg, ">= 0 (0: the first 2 × data.set_size)"),
     "train.val_select": (lambda v: v in VAL_SELECT, f"one of {', '.join(VAL_SELECT)}"),
+    "train.val_guidance": (_guidance_list, "comma-separated guidance weights, each >= -1 (e.g. '0,-0.25,-0.5'), or ''"),
     "train.ema_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "train.ema_every": (_pos, "at least 1"), "train.log_every": (_pos, "at least 1"),
     "train.precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),

@@ -36,13 +36,12 @@ DEFAULT_PRESET = "tiny"  # what the command line trains when no preset is named 
 INTRODUCED = {"diffusion.process": "vp", "model.prior_dropout": 0.0, "model.continuous_dose": False,
               "model.anchor": "", "model.anchor_unseen": False, "diffusion.mean_de_weight": 0.0,
               "diffusion.mean_de_cap": 0.0, "train.val_cells": 0,
-              "model.pert_dropout_combo": -1.0, "train.val_select": "ed"}
+              "model.pert_dropout_combo": -1.0, "train.val_select": "ed", "train.val_guidance": ""}
 #: keys of configs written before [sample] and [codec] were split from [diffusion] (and control_skip left [model])
 RENAMED = {"model.control_skip": "diffusion.control_skip", "diffusion.sampler_steps": "sample.steps",
            "diffusion.sampler_start": "sample.start", "diffusion.truncated_start_t": "sample.truncated_start_t",
            "diffusion.guidance": "sample.guidance", "diffusion.zero_threshold": "codec.zero_threshold",
            "diffusion.auto_zero": "codec.auto_zero"}
-
 
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "DiffusionConfig", "SampleConfig", "CodecConfig", "TrainConfig",
@@ -210,9 +209,9 @@ class TrainConfig:
     # cells in file order, which a file sorted by lane or plate biases (on the shared files, whose cells are not
     # sorted, 256 tied the default: docs/BENCHMARKS.md, "Fifth pass")
     val_cells: int = 0
-    # the score that picks the best checkpoint: ed (validation energy distance, the populations) or ed_pearson
-    # (ED × (1 − pearson_delta): the populations and the mean response together)
-    val_select: str = "ed"
+    val_select: str = "ed"  # what picks the best checkpoint: ed (validation ED) or ed_pearson (ED × (1 − pearson_Δ))
+    # guidance weights ("0,-0.25,-0.5") each check scores; predict uses the best checkpoint's ("": sample.guidance)
+    val_guidance: str = ""
     ema_decay: float = 0.99
     ema_every: int = 10
     # decay min(ema_decay, (1 + n) / (10 + n)) at the n-th update: without it the average kept 13.5 % of the random

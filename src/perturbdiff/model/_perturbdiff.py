@@ -56,6 +56,7 @@ from perturbdiff.model._generate import (
     plan_sets,
     sample_settings,
 )
+from perturbdiff.model._guidance import choosing_validator, chosen_guidance, settle_guidance
 from perturbdiff.model._output import assemble, output_uns, sampler_settings, with_real_controls
 from perturbdiff.model._run import TASK, Run, build_network
 from perturbdiff.nn import Denoiser
@@ -182,6 +183,7 @@ class PerturbDiff(Run):
         trainer = self._fit(dataset, max_steps, out_dir, validate=validate, progress=progress, resume=resume,
                             device=device, files={"split.json": self.split.write})
         self.network.load_state_dict(trainer.best_weights())
+        settle_guidance(self, trainer, validate)  # train.val_guidance: the weight the best checkpoint was chosen at
         return self
 
     def _fit_codec(self, out_dir, *, resume: bool, progress: bool, device) -> None:
@@ -221,9 +223,9 @@ class PerturbDiff(Run):
 
         owner, doses, counts = self._dose_units(self.adata, cells, n_cells, conds)
 
-        def validate(net: torch.nn.Module) -> dict:
+        def validate(net: torch.nn.Module, settings: SampleConfig | None = None) -> dict:
             units = self._cells(self.adata, [conds[i] for i in owner], [pools[i] for i in owner], counts,
-                                network=net, device=device, progress=False,
+                                settings=settings, network=net, device=device, progress=False,
                                 unknown_pert="generic" if unseen else "error", doses=doses)
             pred = [np.concatenate([u for u, i in zip(units, owner) if i == c]) for c in range(len(conds))]
             if space is not self.codec:
@@ -235,7 +237,7 @@ class PerturbDiff(Run):
             ed = float(np.mean(eds))
             return {"val_score": ed, "val_ed": ed, "val_pearson_delta": float(np.nanmean(rs))}
 
-        return validate
+        return choosing_validator(validate, self)  # with train.val_guidance: also picks the guidance weight
 
     # -- prediction ------------------------------------------------------------------------------------------
     def _cells(self, adata: AnnData, conds: Sequence[Condition], pools: Sequence[np.ndarray], n_cells: Sequence[int],
@@ -285,6 +287,7 @@ class PerturbDiff(Run):
     def sample_settings(self, *, guidance: float | None = None, steps: int | None = None, start: str | None = None,
                         solver: str | None = None) -> SampleConfig:
         """The run's sampler settings with those given (None keeps the run's), checked like any config value."""
+        guidance = chosen_guidance(self) if guidance is None else guidance  # the weight validation chose, if any
         return sample_settings(self.cfg.sample, guidance=guidance, steps=steps, start=start, solver=solver)
 
     def predict(self, conditions: Sequence[Condition] | None = None, *, subset: str = "test",

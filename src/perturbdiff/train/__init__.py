@@ -3,7 +3,7 @@
 from perturbdiff.train._checkpoint import load_checkpoint, save_checkpoint, split_prefix
 from perturbdiff.train._distributed import DistInfo, barrier, cleanup, is_main, setup_distributed
 from perturbdiff.train._ema import EMA
-from perturbdiff.train._loop import Trainer, TrainState
+from perturbdiff.train._loop import Trainer, TrainState, selection_score
 from perturbdiff.train._optim import lr_factor, make_optimizer
 from perturbdiff.train._run import check_resumable, resume_point, run_trainer
 
@@ -11,6 +11,7 @@ __all__ = [
     "EMA",
     "Trainer",
     "TrainState",
+    "selection_score",
     "load_checkpoint",
     "save_checkpoint",
     "split_prefix",

@@ -40,7 +40,7 @@ from perturbdiff.train._ema import EMA
 from perturbdiff.train._optim import make_optimizer, set_lr
 
 LOG_FIELDS = ["step", "epoch", "lr", "loss", "mse", "ed", "mean", "grad_norm", "cells_per_s", "val_score", "val_ed",
-              "val_pearson_delta"]
+              "val_pearson_delta", "val_guidance"]
 
 
 def selection_score(scores: dict, rule: str) -> float:
