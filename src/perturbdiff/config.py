@@ -154,14 +154,15 @@ class DiffusionConfig:
 class SampleConfig:
     """How cells are drawn from a trained process (each may be changed per prediction)."""
 
-    # "full": DDIM from t=T-1 in `steps` respaced steps; "truncated": the authors' start at t=99 stepping by 1
-    # (100 network evaluations; SPEC §8 found it better at w=0). On four trained runs (kang_celltype, devel_gbm) full
-    # DDIM with 25 steps scored as well as the truncated start (pr_auc, pearson_delta, R² within ±0.02) at 1/4 of the
-    # evaluations (docs/PERFORMANCE.md, "Fewer sampling steps"), so it is the default.
+    # "full": DDIM from t=T-1 in `steps` respaced steps; "truncated": the authors' start at t=99 stepping by 1 (100
+    # evaluations; SPEC §8: better at w=0). On four runs (kang_celltype, devel_gbm) full DDIM at 25 steps scored as well
+    # (pr_auc, pearson_delta, R² within ±0.02) at 1/4 of the evaluations (docs/PERFORMANCE.md, "Fewer sampling steps").
     steps: int = 25
     start: str = "full"
     truncated_start_t: int = 99
-    guidance: float = 0.0  # w in (1+w)·ε_cond − w·ε_uncond (a flow mixes velocities); §8: choose on validation
+    # w in (1+w)·ε_cond − w·ε_uncond (flow: velocities), >= -1; w > 0 lost on validation (SPEC §8), w < 0 leans to
+    # the anchor: won on two inner splits, lost on kang_celltype (eighth pass), so train.val_guidance chooses per run
+    guidance: float = 0.0
     # the flow's ODE solver: "euler" or "heun" with `steps` steps (heun: 2·steps − 1 network evaluations), or
     # torchdiffeq's adaptive "dopri5" / fixed-step "rk4" (`steps` steps, 4 evaluations each)
     solver: str = "euler"

@@ -47,7 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-cells", type=int,
                    help="cells per condition (default: as many as the real condition, or as the context's controls)")
     p.add_argument("--n-samples", type=int, default=1, help="independent response distributions per condition")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance weight w (default: the run's, 0)")
+    p.add_argument("--guidance", type=float, help="guidance weight w: (1 + w)·cond − w·uncond, >= -1 (default: the "
+                   "run's, the one its validation chose where it trained with train.val_guidance)")
     p.add_argument("--steps", type=int, help="sampler steps: DDIM's for --start full, the flow solver's (default: "
                                              "the run's)")
     p.add_argument("--start", choices=["full", "truncated"], help="VP sampler start (default: the run's)")

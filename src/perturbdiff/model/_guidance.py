@@ -58,7 +58,7 @@ def settle_guidance(run, trainer, validate) -> None:
         return
     path = trainer.checkpoint_path("best")
     if path is not None and Path(path).exists():
-        chosen = load_checkpoint(path, prefixes=("-",))[1].get("summary", {}).get("guidance")
+        chosen = load_checkpoint(path, prefixes=())[1].get("summary", {}).get("guidance")
     else:
         chosen = history.get(trainer.state.best_step)
     if chosen is None:
