@@ -91,9 +91,14 @@ def _guidance(v) -> bool:
     return math.isfinite(v) and v >= -1
 
 
+def guidance_weights(spec) -> list[float]:
+    """``train.val_guidance`` ("0,-0.25,-0.5") as weights, in order; "" = none (ValueError on a non-number)."""
+    return [float(w) for w in str(spec).split(",") if w.strip()]
+
+
 def _guidance_list(v) -> bool:
     try:
-        return all(_guidance(float(w)) for w in str(v).split(",") if w.strip())
+        return all(_guidance(w) for w in guidance_weights(v))
     except ValueError:
         return False
 

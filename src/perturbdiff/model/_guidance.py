@@ -15,15 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from perturbdiff._config_rules import guidance_weights
 from perturbdiff._logging import logger
 from perturbdiff.model._generate import sample_settings
 from perturbdiff.train import load_checkpoint, selection_score
-
-
-def guidance_weights(spec: str) -> list[float]:
-    """``train.val_guidance`` ("0,-0.25,-0.5") as weights, in order; "" = none (the run samples at
-    ``sample.guidance``). The config's rule has checked every entry."""
-    return [float(w) for w in spec.split(",") if w.strip()]
 
 
 def choosing_validator(validate: Callable, run) -> Callable:
