@@ -21,7 +21,7 @@ SETTINGS = {"model.hidden": 32, "model.depth": 1, "model.heads": 2, "model.cov_d
             "train.log_every": 1, "sample.steps": 4, "diffusion.process": "vp",
             # keys introduced after the fixtures were written, at the values that reproduce them (config.INTRODUCED)
             "model.prior_dropout": 0.0, "model.continuous_dose": False,
-            "model.anchor": ""}
+            "model.anchor": "", "train.val_guidance": ""}
 PERTS = ["G0034", "G0027"]
 
 

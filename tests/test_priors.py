@@ -11,6 +11,7 @@ import torch
 from anndata import AnnData
 
 from perturbdiff import ConfigError, DataError, PerturbDiff
+from perturbdiff._config_rules import guidance_weights
 from perturbdiff.baselines import make_baseline
 from perturbdiff.config import Config
 from perturbdiff.data import DataKeys, Split, preprocess
@@ -317,5 +318,7 @@ def test_validation_generates_at_the_validation_cells_doses(dose_run):
     finally:
         del model._cells
         model.adata = own
-    assert len(seen) == 1 and sorted(seen[0]) == ["1", "10", "1000"], seen
+    # one generation per candidate guidance weight (preset tiny chooses among several), each at every dose
+    weights = guidance_weights(model.cfg.train.val_guidance) or [model.cfg.sample.guidance]
+    assert len(seen) == len(weights) and all(sorted(s) == ["1", "10", "1000"] for s in seen), seen
     assert np.isfinite(scores["val_ed"]) and scores["val_pearson_delta"] > 0.5, scores

@@ -12,6 +12,7 @@ import perturbdiff._threads as threads
 import perturbdiff.model._generate as generate_mod
 import perturbdiff.train._loop as loop_mod
 from perturbdiff import ConfigError, PerturbDiff
+from perturbdiff._config_rules import guidance_weights
 from perturbdiff.train import load_checkpoint
 from test_train import _interrupt_at, planted_data, tiny_config
 
@@ -123,7 +124,9 @@ def test_auto_measures_at_the_start_and_at_checkpoints_and_leaves_no_trace(tmp_p
     calls = _spy(monkeypatch)
     measured = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "a", progress=False)
     # training: at the start and at the checkpoints of steps 2 and 4 (not after the last); sampling: each validation
-    assert calls.count("training step") == 3 and calls.count("sampler step") == 3
+    # generation, one per candidate guidance weight (preset tiny chooses among several)
+    per_check = len(guidance_weights(cfg.train.val_guidance)) or 1
+    assert calls.count("training step") == 3 and calls.count("sampler step") == 3 * per_check
     assert load_checkpoint(tmp_path / "a" / "last.safetensors")[1]["state"]["threads"] == 1
     threads.set_threads(1)
     plain = PerturbDiff.from_config(cfg, adata, split).train(out_dir=tmp_path / "b", progress=False)

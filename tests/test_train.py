@@ -444,7 +444,7 @@ def test_the_choosing_validator_keeps_the_weight_that_scores_best():
     # by ED × (1 − pearson_delta) the conditional branch's better mean response wins instead
     run.cfg = run.cfg.update({"train": {"val_select": "ed_pearson"}})
     assert choosing_validator(fake, run)(None)["val_guidance"] == 0.0  # 0.36 < 0.4 (-1) < 0.63 (-0.5)
-    run.cfg = tiny_config()  # no candidates: the plain validator, untouched
+    run.cfg = tiny_config(val_guidance="")  # no candidates: the plain validator, untouched
     assert choosing_validator(fake, run) is fake
 
 
