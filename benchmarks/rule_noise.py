@@ -41,6 +41,7 @@ def split_of(name: str, work: Path, shared: Path):
 
 def per_seed(work: Path, split_name: str, tag: str, shared: Path) -> dict[int, dict[str, float]]:
     """{seed: {score: value}} for every finished run of ``tag``, cached beside the runs."""
+    from perturbdiff._io import atomic_write_json
     from perturbdiff.evaluate import build_real
 
     cache = work / split_name / tag / "per_seed.json"
@@ -57,7 +58,7 @@ def per_seed(work: Path, split_name: str, tag: str, shared: Path) -> dict[int, d
             row["ed"] = fixed_scores(run, prep, split, keys, 256)["ed"]
             have[seed] = {k: row[k] for k in SCORES}
             print(f"scored {split_name} {tag} seed {seed}", file=sys.stderr, flush=True)
-            cache.write_text(json.dumps(have, indent=1))
+            atomic_write_json(cache, have)  # scored seeds survive an interrupted run
     return have
 
 
