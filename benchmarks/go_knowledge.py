@@ -15,8 +15,8 @@ Then, with the GO table in place of HPO for the whole process:
     python benchmarks/go_knowledge.py validation_fixed -- --split devel_unseen --tags gok ...
     python benchmarks/validation_cell_eval.py ... # likewise: go_knowledge.py validation_cell_eval -- ...
 
-``anchor`` prints each anchor route's shift error on the split's validation conditions (mean squared error over
-genes against the measured shifts, as ``model.anchor = auto`` chooses), with HPO and with GO. The other commands run
+``anchor`` runs variance_probe.py's anchor probe (each route's shift error on the split's validation conditions, the
+mean squared error ``model.anchor = auto`` chooses by) with HPO and with GO. The other commands run
 a benchmark script with the GO table. A run trained with GO must be scored with GO too: its knn anchor places the
 validation conditions' unseen parts again at prediction. The probe lost on validation, so no GO route was built.
 """
@@ -24,7 +24,6 @@ validation conditions' unseen parts again at prediction. The probe lost on valid
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import runpy
 import sqlite3
@@ -62,26 +61,22 @@ def use_go(path: str) -> None:
 
 
 def anchor_errors(args) -> None:
+    """variance_probe.py's anchor probe on each split, once with HPO and once with GO."""
     sys.path.insert(0, str(HERE))
-    from perturbdiff.data import _priors, condition_shifts
-    from perturbdiff.model._anchor import Anchor
+    from perturbdiff.data import _priors
     from real_benchmark import prepare
+    from variance_probe import anchors
 
     hpo = _priors._hpo_annotations
     for name in args.splits.split(","):
         prep, split, keys = prepare(name, Path(args.work), Path(args.shared))
-        measured = condition_shifts(prep, keys, split.val)
-        real, val = np.stack(list(measured.values())), list(measured)
-        base = Anchor.fit("knn", prep, keys, split.train)
         for table in ("hpo", "go"):
+            print(f"\n{name}, knowledge table: {table}")
             _priors._knowledge.cache_clear()
             _priors._hpo_annotations = hpo
             if table == "go":
                 use_go(args.go)
-            for route in ("knn", "knn_mean", "linear", "train_mean"):
-                shift = dataclasses.replace(base, route=route, _baseline=None).shift(val)
-                mse = float(np.mean((shift - real) ** 2))
-                print(f"{name:18s} {table:4s} {route:10s} shift MSE x 1e3 {mse * 1e3:7.3f}")
+            anchors(prep, keys, split, name)
 
 
 def main() -> None:

@@ -30,15 +30,22 @@ SPLITS = Path(__file__).resolve().parent / "splits"  # splits of this project (t
 INPUT_KIND = {"kang": "counts", "devel": "log1p"}
 
 
+def read_split(split_name: str, shared: Path):
+    """The split named ``split_name``: shared/benchmarks/ first, then ours (benchmarks/splits/)."""
+    from perturbdiff.data import Split
+
+    path = shared / "benchmarks" / f"{split_name}.json"
+    return Split.read(path if path.exists() else SPLITS / f"{split_name}.json")
+
+
 def prepare(split_name: str, work: Path, shared: Path):
     """(preprocessed AnnData restricted to the split's var_names, split, keys); cached under work/."""
     import anndata as ad
 
     from perturbdiff._io import atomic_write
-    from perturbdiff.data import DataKeys, Split, preprocess, register
+    from perturbdiff.data import DataKeys, preprocess, register
 
-    path = shared / "benchmarks" / f"{split_name}.json"
-    split = Split.read(path if path.exists() else SPLITS / f"{split_name}.json")  # ours: benchmarks/splits/
+    split = read_split(split_name, shared)
     keys = DataKeys(split.pert_col, split.control, tuple(split.context_cols), INPUT_KIND[split.dataset])
     cache = work / split_name / "prep.h5ad"
     if cache.exists():

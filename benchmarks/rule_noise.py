@@ -25,18 +25,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_benchmark import SHARED, prepare  # noqa: E402
+from real_benchmark import SHARED, prepare, read_split  # noqa: E402
 from validation_cell_eval import run_scores, zero_share  # noqa: E402
 from validation_fixed import scores as fixed_scores  # noqa: E402
 
 # score -> +1 if higher is better, -1 if lower is better
 SCORES = {"ed": -1, "pearson_delta": 1, "r2": 1, "pr_auc": 1, "roc_auc": 1, "overlap_at_N": 1,
           "discrimination_score_l1": 1, "discrimination_score_l2": 1, "discrimination_score_cosine": 1}
-
-
-def split_of(name: str, work: Path, shared: Path):
-    """The split of ``name`` (as real_benchmark.py reads it)."""
-    return prepare(name, work, shared)[1]
 
 
 def per_seed(work: Path, split_name: str, tag: str, shared: Path) -> dict[int, dict[str, float]]:
@@ -83,7 +78,7 @@ RULES = {
 }
 for _k in (2, 3, 4):  # both groups' spread: k standard errors of the difference of the two 3-seed means
     RULES[f"{_k} x s.e. of the difference, at least 0.01"] = (
-        lambda a, b, sd, step, k=_k: max(k * np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / len(a)), 0.01))
+        lambda a, b, sd, step, k=_k: max(k * _sd_diff(a, b), 0.01))
 for _k in (2, 2.5, 3):  # the default's seed-to-seed sd over all its seeds, as the s.e. of a difference of means
     RULES[f"{_k} x s.e. from the default's sd over all its seeds"] = (
         lambda a, b, sd, step, k=_k: k * sd * np.sqrt(2 / len(a)))
@@ -104,7 +99,13 @@ def rank_steps(split) -> float:
     return (1.0 / max(ranked)) / len(split.val) if ranked else 0.0
 
 
-def judge_levers(args, table: dict, steps: dict) -> None:
+def default_sds(table: dict) -> dict[str, dict[str, float]]:
+    """{split: {score: the default's sd over all its seeds}}."""
+    return {split: {k: float(np.std([r[k] for r in rows.values()], ddof=1)) for k in SCORES}
+            for split, rows in table.items()}
+
+
+def judge_levers(args, table: dict, steps: dict, sd_all: dict) -> None:
     """Each lever's seeds against the default's same seeds, by every rule (the sd over all the default's seeds)."""
     group = [int(x) for x in args.seeds.split(",")]
     print(f"levers against {args.tag}, seeds {group}\n")
@@ -120,8 +121,8 @@ def judge_levers(args, table: dict, steps: dict) -> None:
                         continue
                     va = np.array([rows[s][score] for s in group], float)
                     vb = np.array([lever[split][s][score] for s in group], float)
-                    sd = float(np.std([r[score] for r in rows.values()], ddof=1))
-                    v = judge(va, vb, sign, margin, sd, steps[split] if score.startswith("discr") else 0.0)
+                    v = judge(va, vb, sign, margin, sd_all[split][score],
+                              steps[split] if score.startswith("discr") else 0.0)
                     note = f"{split} {score} {vb.mean():.3f} against {va.mean():.3f}"
                     (worse if v < 0 else better if v > 0 else []).append(note)
             verdict = "loses" if worse else ("passes" if better else "ties")
@@ -139,17 +140,16 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2", help="with --levers: the seeds of both groups")
     args = p.parse_args()
     table = {s: per_seed(Path(args.work), s, args.tag, Path(args.shared)) for s in args.splits.split(",")}
-    steps = {s: rank_steps(split_of(s, Path(args.work), Path(args.shared))) for s in table}
+    steps = {s: rank_steps(read_split(s, Path(args.shared))) for s in table}
+    sd_all = default_sds(table)
     if args.levers:
-        judge_levers(args, table, steps)
+        judge_levers(args, table, steps, sd_all)
         return
     seeds = sorted(set.intersection(*(set(v) for v in table.values())))
     if len(seeds) < 2 * args.group:
         sys.exit(f"{args.tag}: {len(seeds)} seeds on every split; two disjoint groups of {args.group} need more")
     pairs = [(a, b) for a in combinations(seeds, args.group) for b in combinations(sorted(set(seeds) - set(a)),
                                                                                      args.group)]
-    sd_all = {split: {k: float(np.std([rows[s][k] for s in seeds], ddof=1)) for k in SCORES}
-              for split, rows in table.items()}
     print(f"{args.tag}, seeds {seeds}, {len(pairs)} ordered pairs of disjoint {args.group}-seed groups\n")
     print("| rule | loses to itself | passes against itself | ties | scores that vetoed most (share of pairs) |")
     print("|---|---|---|---|---|")
