@@ -14,16 +14,26 @@ def _weights(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return mask.to(device=like.device, dtype=torch.float32)
 
 
-def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise squared Euclidean distances ‖a_i − b_j‖² by one batched matmul, clamped at 0."""
-    d2 = a.pow(2).sum(-1)[:, :, None] + b.pow(2).sum(-1)[:, None, :] - 2.0 * a @ b.transpose(1, 2)
-    return d2.clamp_min(0.0)  # (B, N, M)
+def _sq_dists(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairwise squared Euclidean distances across and within two sets [B,N,G] × [B,M,G] -> (B,N,M), (B,N,N),
+    (B,M,M), clamped at 0: ‖a_i − b_j‖² = ‖a_i‖² + ‖b_j‖² − 2·a_i·b_j from three batched Gram matrices. The norms
+    are read off the Gram diagonals, so the genes are passed over only by the matmuls (a ``.pow(2)`` there cost,
+    with its backward, as much as the rest of the loss on a CPU)."""
+    gxx, gyy, gxy = x @ x.transpose(1, 2), y @ y.transpose(1, 2), x @ y.transpose(1, 2)
+    nx, ny = gxx.diagonal(dim1=1, dim2=2), gyy.diagonal(dim1=1, dim2=2)  # (B, N), (B, M)
+
+    def d2(na: torch.Tensor, nb: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        return (na[:, :, None] + nb[:, None, :] - 2.0 * gram).clamp_min(0.0)
+
+    return d2(nx, ny, gxy), d2(nx, nx, gxx), d2(ny, ny, gyy)
 
 
-def _self_dists(a: torch.Tensor, eps: float) -> torch.Tensor:
-    """Within-set Euclidean distances with a safe square root and an exactly zero diagonal."""
-    eye = torch.eye(a.shape[1], dtype=torch.bool, device=a.device)
-    return _sq_dists(a, a).clamp_min(eps).sqrt().masked_fill(eye, 0.0)  # (B, N, N)
+def _safe_sqrt(d2: torch.Tensor, eps: float, zero_diagonal: bool = False) -> torch.Tensor:
+    """√max(d², eps) (finite gradients at coincident points), with an exactly zero diagonal for within-set ones."""
+    d = d2.clamp_min(eps).sqrt()
+    if zero_diagonal:
+        d = d.masked_fill(torch.eye(d.shape[1], dtype=torch.bool, device=d.device), 0.0)
+    return d
 
 
 def _wmean(d: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -55,17 +65,16 @@ def energy_distance(
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
         wx, wy = _weights(mask_x, x), _weights(mask_y, y)
-        x, y = _centered_fp32(x, y, wy)
-        dxy = _sq_dists(x, y).clamp_min(eps).sqrt()  # (B, N, M)
-        dxx = _self_dists(x, eps)  # (B, N, N)
-        dyy = _self_dists(y, eps)  # (B, M, M)
+        d2xy, d2xx, d2yy = _sq_dists(*_centered_fp32(x, y, wy))
+        dxy, dxx, dyy = _safe_sqrt(d2xy, eps), _safe_sqrt(d2xx, eps, True), _safe_sqrt(d2yy, eps, True)
         return 2.0 * _wmean(dxy, wx, wy) - _wmean(dxx, wx, wx) - _wmean(dyy, wy, wy)  # (B,)
 
 
 def _offdiag_wmean(k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Σ_{i≠j} w_i w_j k_ij / Σ_{i≠j} w_i w_j: the unbiased (U-statistic) within-set mean."""
     num = torch.einsum("bn,bnm,bm->b", w, k, w) - torch.einsum("bn,bnn,bn->b", w, k, w)
-    den = w.sum(-1).pow(2) - w.pow(2).sum(-1)
+    sw = w.sum(-1)
+    den = sw * sw - (w * w).sum(-1)
     return num / den.clamp_min(1e-12)  # (B,)
 
 
@@ -82,7 +91,7 @@ def rbf_mmd(
     with torch.autocast(device_type=x.device.type, enabled=False):
         wx, wy = _weights(mask_x, x), _weights(mask_y, y)
         x, y = _centered_fp32(x, y, wy)
-        dxy, dxx, dyy = _sq_dists(x, y), _sq_dists(x, x), _sq_dists(y, y)
+        dxy, dxx, dyy = _sq_dists(x, y)
         eye = torch.eye(y.shape[1], dtype=torch.bool, device=y.device)
         valid = (wy[:, :, None] > 0) & (wy[:, None, :] > 0) & ~eye  # (B, M, M)
         med = torch.where(valid, dyy, torch.nan).flatten(1).nanmedian(dim=1).values.detach()  # (B,)
@@ -97,18 +106,31 @@ def rbf_mmd(
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None):
     """Mean squared error over the valid (cell, gene) entries, fp32."""
-    w = cell_w[:, :, None] if gene_w is None else cell_w[:, :, None] * gene_w[:, None, :]  # (B, S, 1|G)
-    err = (pred - target).pow(2) * w  # (B, S, G)
-    n = w.sum() * (pred.shape[-1] if gene_w is None else 1)
-    return err.sum() / n.clamp_min(1.0)
+    return _mse(pred - target, cell_w, gene_w)
+
+
+def _mse(diff: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None) -> torch.Tensor:
+    """:func:`masked_mse` of the difference ``pred − target`` [B, S, G]: the genes are summed before the cell
+    weights apply, so no weight is broadcast over the genes."""
+    sq = diff * diff  # (B, S, G)
+    per_cell = sq.sum(-1) if gene_w is None else torch.einsum("bsg,bg->bs", sq, gene_w)  # (B, S)
+    n = cell_w.sum() * diff.shape[-1] if gene_w is None else (cell_w.sum(1) * gene_w.sum(1)).sum()
+    return (per_cell * cell_w).sum() / n.clamp_min(1.0)
 
 
 def set_mean_error(pred: torch.Tensor, target: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None,
                    mean_w: torch.Tensor | None = None):
     """Squared error of the set means (pseudobulks) per gene: the population shift, weighted like the MSE, and per
     set and gene by ``mean_w`` [B, G] where given (``diffusion.mean_de_weight``)."""
+    return _set_mean_error(pred - target, cell_w, gene_w, mean_w)
+
+
+def _set_mean_error(diff: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tensor | None,
+                    mean_w: torch.Tensor | None) -> torch.Tensor:
+    """:func:`set_mean_error` of the difference ``pred − target`` [B, S, G]."""
     w = cell_w / cell_w.sum(1, keepdim=True).clamp_min(1.0)  # (B, S)
-    diff = torch.einsum("bs,bsg->bg", w, pred - target).pow(2)  # (B, G)
+    shift = torch.einsum("bs,bsg->bg", w, diff)  # (B, G)
+    diff = shift * shift
     if mean_w is not None:
         diff = diff * mean_w
     if gene_w is None:
@@ -129,14 +151,15 @@ def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | No
     """
     cell_w = target.new_ones(target.shape[:2]) if pad is None else (~pad.bool()).float()  # (B, S)
     gene_w = None if gene_mask is None else gene_mask.float()  # (B, G)
-    mse = masked_mse(pred, target, cell_w, gene_w) if mse is None else mse
+    diff = pred - target  # (B, S, G): once, for the MSE and the set-mean term
+    mse = _mse(diff, cell_w, gene_w) if mse is None else mse
     xe, ye = (pred, target) if gene_w is None else (pred * gene_w[:, None], target * gene_w[:, None])
     with torch.set_grad_enabled(torch.is_grad_enabled() and ed_weight != 0):
         ed = energy_distance(xe, ye, cell_w, cell_w).mean()
     loss = mse + ed_weight * ed
     parts = {"mse": float(mse.detach()), "ed": float(ed.detach())}
     if mean_weight:
-        mean_err = set_mean_error(pred, target, cell_w, gene_w, mean_w)
+        mean_err = _set_mean_error(diff, cell_w, gene_w, mean_w)
         loss = loss + mean_weight * mean_err
         parts["mean"] = float(mean_err.detach())
     if mmd_weight:
