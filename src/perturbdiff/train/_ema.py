@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 def ema_decay(decay: float, n_updates: int, warmup: bool = True) -> float:
@@ -37,8 +38,9 @@ class EMA:
             return
         d = ema_decay(self.decay, step // self.every, self.warmup)
         src = dict(model.named_parameters())
-        for name, p in self.module.named_parameters():
-            p.lerp_(src[name].detach().to(p.dtype), 1.0 - d)
+        pairs = [(p, src[name].detach()) for name, p in self.module.named_parameters()]
+        # torch's multi-tensor EMA step: one lerp over all parameters (the shadow is a copy: same dtypes, device)
+        get_ema_multi_avg_fn(d)([p for p, _ in pairs], [q for _, q in pairs], None)
         src_b = dict(model.named_buffers())
         for name, b in self.module.named_buffers():
             b.copy_(src_b[name])

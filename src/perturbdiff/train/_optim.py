@@ -39,11 +39,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (ref betas 0.9/0.98, eps 1e-8, weight decay 0.01 on matrices only)."""
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True
-    )  # foreach: one fused update per group instead of a Python loop over parameters
+    """AdamW (ref betas 0.9/0.98, eps 1e-8, weight decay 0.01 on matrices only).
+
+    torch's fused kernel (one pass over all parameters; 3.2x faster than ``foreach`` at preset tiny on a CPU,
+    docs/PERFORMANCE.md) where the parameters live on a device it supports, ``foreach`` elsewhere. A checkpoint keeps
+    the choice in its param groups, so a run resumes with the kernel it started with.
+    """
+    fused = all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=fused or None, foreach=not fused)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
