@@ -59,7 +59,7 @@ class Recorder(nn.Module):
         self.calls: list[dict] = []
 
     def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
-        self.calls.append({"b": x_t.shape[0], "x_t": x_t.clone(), "x_self": x_self.clone(), "t": t.clone(),
+        self.calls.append({"b": x_t.shape[0], "x_t": x_t.clone(), "x_self": None if x_self is None else x_self.clone(), "t": t.clone(),
                            "ctrl": x_ctrl.clone()})
         return self.model(x_t, x_self, x_ctrl, t, cov, uncond)
 
@@ -178,7 +178,7 @@ def test_training_loss_backward_finite_and_self_conditioning():
     assert abs(parts["loss"] - (parts["mse"] + parts["ed"])) < 1e-5
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert len(model.calls) == 2
-    assert not model.calls[0]["x_self"].any() and model.calls[1]["x_self"].any()
+    assert model.calls[0]["x_self"] is None and model.calls[1]["x_self"].any()  # None: the zero input, unread
     model.calls.clear()
     training_loss(model, batch, DiffusionConfig(self_cond_prob=0.0))
     assert len(model.calls) == 1 and not model.calls[0]["x_self"].any()

@@ -104,6 +104,14 @@ def test_control_cells_influence_targets_through_joint_attention():
     assert not torch.allclose(model(x_t, x_self, x_ctrl, t, cov), model(x_t, x_self, shifted, t, cov))
 
 
+def test_no_self_conditioning_input_is_a_zero_one():
+    """x_self None (the first self-conditioning pass) skips half the input layer; the function is unchanged."""
+    model = randomized(Denoiser(tiny_cfg(), G, VOCAB))
+    x_t, x_self, x_ctrl, t, cov = make_inputs()
+    torch.testing.assert_close(model(x_t, None, x_ctrl, t, cov), model(x_t, torch.zeros_like(x_self), x_ctrl, t, cov),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_uncond_rows_ignore_covariates():
     model = randomized(Denoiser(tiny_cfg(), G, VOCAB))
     x_t, x_self, x_ctrl, t, cov = make_inputs(0)

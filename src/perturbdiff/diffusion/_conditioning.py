@@ -28,19 +28,21 @@ def draw(kind: str, shape: tuple, generator: torch.Generator | None, device: tor
 
 @dataclass
 class Dropouts:
-    """Per-set training draws [B] (bool): unconditional, control stream zeroed, self-conditioned."""
+    """Per-set training draws [B] (bool): unconditional, control stream zeroed (None where no set can be: then no
+    copy of the control stream is made), self-conditioned."""
 
     uncond: torch.Tensor
-    ctrl_drop: torch.Tensor
+    ctrl_drop: torch.Tensor | None
     use_self: torch.Tensor
 
     @classmethod
     def draw(cls, b: int, cfg, generator: torch.Generator | None, device: torch.device) -> Dropouts:
-        """Three uniform draws per set, in this order, against ``cfg.p_uncond / p_drop_control / self_cond_prob``."""
+        """Three uniform draws per set, in this order, against ``cfg.p_uncond / p_drop_control / self_cond_prob``
+        (all three are drawn whatever the shares, so the random streams do not depend on them)."""
         uncond = draw("rand", (b,), generator, device) < cfg.p_uncond
         ctrl_drop = draw("rand", (b,), generator, device) < cfg.p_drop_control
         use_self = draw("rand", (b,), generator, device) < cfg.self_cond_prob
-        return cls(uncond, ctrl_drop, use_self)
+        return cls(uncond, ctrl_drop if cfg.p_drop_control > 0 else None, use_self)
 
 
 def drop_controls(ctrl: torch.Tensor, ctrl_drop: torch.Tensor | None) -> torch.Tensor:
@@ -56,8 +58,8 @@ def output_form(out: torch.Tensor, ctrl: torch.Tensor, *, control_skip: bool, no
     return F.relu(out) if nonnegative else out
 
 
-def self_conditioning(predict: Callable[[torch.Tensor], torch.Tensor], like: torch.Tensor, use_self: torch.Tensor,
-                      enabled: bool) -> torch.Tensor:
+def self_conditioning(predict: Callable[[torch.Tensor | None], torch.Tensor], like: torch.Tensor,
+                      use_self: torch.Tensor, enabled: bool) -> torch.Tensor:
     """The self-conditioning input: a no-grad first prediction where ``use_self``, zeros elsewhere.
 
     The first pass runs on the whole batch (static shapes for torch.compile) and on a fork of the global generators,
@@ -69,7 +71,7 @@ def self_conditioning(predict: Callable[[torch.Tensor], torch.Tensor], like: tor
     dev = like.device
     forked = [dev] if dev.type != "cpu" else []
     with torch.no_grad(), torch.random.fork_rng(devices=forked, device_type=dev.type):
-        first = predict(x_self).float()  # (B, S, G)
+        first = predict(None).float()  # (B, S, G); None: the network's x̂0_self input is zero
     return torch.where(use_self[:, None, None], first, x_self)
 
 

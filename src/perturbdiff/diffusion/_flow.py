@@ -58,15 +58,29 @@ class FlowMatching:
         self.cfg, self.nonnegative, self.clip = cfg, nonnegative, clip
 
     # -- the network's output --------------------------------------------------------------------------------
+    def _raw(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop):
+        """The network's raw output [B, S, G] (fp32) and the control stream it saw."""
+        ctrl = drop_controls(ctrl, ctrl_drop)
+        return network(x_t, x_self, ctrl, t * TIME_SCALE, cov, uncond).float(), ctrl
+
+    def _form(self, out: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
+        return output_form(out, ctrl, control_skip=self.cfg.control_skip, nonnegative=self.nonnegative)
+
     def predict(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond=None, ctrl_drop=None):
         """(x̂1, v̂) at times t [B] in [0, 1]."""
-        ctrl = drop_controls(ctrl, ctrl_drop)
-        out = network(x_t, x_self, ctrl, t * TIME_SCALE, cov, uncond).float()  # (B, S, G)
+        out, ctrl = self._raw(network, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop)
         rest = (1.0 - t).clamp_min(MIN_REMAINING)[:, None, None]
         if self.cfg.flow_target == "velocity":
             return x_t + rest * out, out
-        x1 = output_form(out, ctrl, control_skip=self.cfg.control_skip, nonnegative=self.nonnegative)
+        x1 = self._form(out, ctrl)
         return x1, (x1 - x_t) / rest
+
+    def endpoint(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond=None, ctrl_drop=None):
+        """x̂1 alone, what the set losses and self-conditioning read: an endpoint network's velocity is not
+        computed (two passes over the set fewer per forward)."""
+        if self.cfg.flow_target == "velocity":
+            return self.predict(network, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop)[0]
+        return self._form(*self._raw(network, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop))
 
     def _source(self, batch: dict, x1: torch.Tensor, generator) -> torch.Tensor:
         if self.cfg.flow_source == "noise":
@@ -91,16 +105,18 @@ class FlowMatching:
         t = self._time(b, generator, dev)  # (B,)
         x0 = self._source(batch, x1, generator)  # (B, S, G)
         drops = Dropouts.draw(b, cfg, generator, dev)
-        x_t = t[:, None, None] * x1 + (1.0 - t[:, None, None]) * x0
+        x_t = torch.lerp(x0, x1, t[:, None, None])  # t·x1 + (1 − t)·x0 in one pass
         ctrl = batch["control"]
 
         def endpoint(x_self):
-            return self.predict(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop)[0]
+            return self.endpoint(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop)
 
         x_self = self_conditioning(endpoint, x_t, drops.use_self, cfg.self_cond_prob > 0)
-        x1_hat, v_hat = self.predict(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop)
         mse = None
-        if cfg.flow_target == "velocity":
+        if cfg.flow_target != "velocity":
+            x1_hat = endpoint(x_self)
+        else:
+            x1_hat, v_hat = self.predict(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop)
             pad = batch.get("pad")
             cell_w = x1.new_ones(x1.shape[:2]) if pad is None else (~pad.bool()).float()
             gene_w = batch.get("gene_mask")
