@@ -59,8 +59,8 @@ class Recorder(nn.Module):
         self.calls: list[dict] = []
 
     def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
-        self.calls.append({"b": x_t.shape[0], "x_t": x_t.clone(), "x_self": None if x_self is None else x_self.clone(), "t": t.clone(),
-                           "ctrl": x_ctrl.clone()})
+        self.calls.append({"b": x_t.shape[0], "x_t": x_t.clone(), "t": t.clone(), "ctrl": x_ctrl.clone(),
+                           "x_self": None if x_self is None else x_self.clone()})
         return self.model(x_t, x_self, x_ctrl, t, cov, uncond)
 
 
