@@ -280,6 +280,25 @@ def test_no_weight_decay_on_biases_and_norms_by_role():
     assert id(net.x_in.weight) in {id(p) for p in decay["params"]}
 
 
+def test_adamw_is_fused_where_torch_has_the_kernel_and_foreach_where_it_has_not(monkeypatch):
+    from perturbdiff.train._optim import make_optimizer
+
+    net, cfg = torch.nn.Linear(4, 3), Config.from_preset("tiny").train
+    opt = make_optimizer(net, cfg)
+    assert opt.param_groups[0]["fused"] and not opt.param_groups[0]["foreach"]  # torch >= 2.4 on a CPU
+    real = torch.optim.AdamW
+
+    def without_cpu_kernel(params, fused=None, **kw):  # what torch < 2.4 says for a CPU parameter
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, fused=fused, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", without_cpu_kernel)
+    opt = make_optimizer(net, cfg)
+    assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"]
+    assert len(opt.param_groups) == 2 and opt.param_groups[0]["weight_decay"] == cfg.weight_decay
+
+
 def test_both_self_conditioning_passes_see_one_label_dropout():
     from perturbdiff.diffusion import make_process
     from perturbdiff.nn import Denoiser

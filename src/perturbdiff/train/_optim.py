@@ -49,9 +49,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     docs/PERFORMANCE.md) where the parameters live on a device it supports, ``foreach`` elsewhere. A checkpoint keeps
     the choice in its param groups, so a run resumes with the kernel it started with.
     """
-    fused = all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=fused or None, foreach=not fused)
+    kw = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in model.parameters()):
+        try:  # fresh groups each try: the optimizer writes its defaults into them
+            return torch.optim.AdamW(param_groups(model, cfg.weight_decay), fused=True, **kw)
+        except RuntimeError:  # a torch without the kernel for this device (the CPU one came with torch 2.4)
+            pass
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), foreach=True, **kw)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
