@@ -130,12 +130,12 @@ def _set_mean_error(diff: torch.Tensor, cell_w: torch.Tensor, gene_w: torch.Tens
     """:func:`set_mean_error` of the difference ``pred − target`` [B, S, G]."""
     w = cell_w / cell_w.sum(1, keepdim=True).clamp_min(1.0)  # (B, S)
     shift = torch.einsum("bs,bsg->bg", w, diff)  # (B, G)
-    diff = shift * shift
+    sq = shift * shift
     if mean_w is not None:
-        diff = diff * mean_w
+        sq = sq * mean_w
     if gene_w is None:
-        return diff.mean()
-    return (diff * gene_w).sum() / gene_w.sum().clamp_min(1.0)
+        return sq.mean()
+    return (sq * gene_w).sum() / gene_w.sum().clamp_min(1.0)
 
 
 def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | None = None,
@@ -151,7 +151,8 @@ def set_loss(pred: torch.Tensor, target: torch.Tensor, *, pad: torch.Tensor | No
     """
     cell_w = target.new_ones(target.shape[:2]) if pad is None else (~pad.bool()).float()  # (B, S)
     gene_w = None if gene_mask is None else gene_mask.float()  # (B, G)
-    diff = pred - target  # (B, S, G): once, for the MSE and the set-mean term
+    # (B, S, G): taken once for the MSE and the set-mean term, and not at all when neither needs it
+    diff = pred - target if mse is None or mean_weight else None
     mse = _mse(diff, cell_w, gene_w) if mse is None else mse
     xe, ye = (pred, target) if gene_w is None else (pred * gene_w[:, None], target * gene_w[:, None])
     with torch.set_grad_enabled(torch.is_grad_enabled() and ed_weight != 0):
