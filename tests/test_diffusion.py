@@ -58,10 +58,10 @@ class Recorder(nn.Module):
         self.model = model
         self.calls: list[dict] = []
 
-    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
+    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None, only=None):
         self.calls.append({"b": x_t.shape[0], "x_t": x_t.clone(), "t": t.clone(), "ctrl": x_ctrl.clone(),
-                           "x_self": None if x_self is None else x_self.clone()})
-        return self.model(x_t, x_self, x_ctrl, t, cov, uncond)
+                           "x_self": None if x_self is None else x_self.clone(), "only": only})
+        return self.model(x_t, x_self, x_ctrl, t, cov, uncond, only=only)
 
 
 class ConstantModel(nn.Module):
@@ -71,7 +71,7 @@ class ConstantModel(nn.Module):
         super().__init__()
         self.x0 = nn.Parameter(x0.clone())
 
-    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
+    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None, only=None):
         return self.x0.expand(x_t.shape[0], -1, -1)
 
 
@@ -179,6 +179,7 @@ def test_training_loss_backward_finite_and_self_conditioning():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert len(model.calls) == 2
     assert model.calls[0]["x_self"] is None and model.calls[1]["x_self"].any()  # None: the zero input, unread
+    assert model.calls[0]["only"] is not None and model.calls[1]["only"] is None  # the first pass: chosen sets only
     model.calls.clear()
     training_loss(model, batch, DiffusionConfig(self_cond_prob=0.0))
     assert len(model.calls) == 1 and not model.calls[0]["x_self"].any()
@@ -322,3 +323,21 @@ def test_a_network_trained_without_self_conditioning_is_never_fed_its_own_estima
                        generator=torch.Generator().manual_seed(0))
         assert len(rec.calls) == 4 and not rec.calls[0]["x_self"].any()
         assert all(bool(c["x_self"].any()) == fed for c in rec.calls[1:])  # zeros, as in its training
+
+
+def test_the_first_self_conditioning_pass_asks_only_networks_that_take_it_for_the_chosen_sets():
+    from perturbdiff.diffusion._conditioning import only_kwargs
+
+    only = torch.tensor([True, False])
+
+    class Plain(nn.Module):
+        def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
+            return x_t
+
+    class Passes:  # a wrapper that hands keyword arguments on, as DDP's does
+        def __call__(self, *args, **kwargs):
+            return kwargs
+
+    assert only_kwargs(Plain(), only) == {} and only_kwargs(Passes(), None) == {}
+    assert only_kwargs(Passes(), only)["only"] is only
+    assert only_kwargs(Recorder(tiny_model()), only)["only"] is only

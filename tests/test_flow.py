@@ -25,7 +25,7 @@ class Recorder(nn.Module):
         self.fn, self.calls = fn, []
         self.w = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
+    def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None, only=None):
         self.calls.append({"x_t": x_t.clone(), "t": t.clone(), "b": x_t.shape[0]})
         return self.fn(x_t, t) + 0 * self.w
 
@@ -84,7 +84,7 @@ def test_guidance_gives_the_blend_of_the_two_branches_endpoints(w):
     x_cond, x_uncond = torch.rand(B, S, G, generator=g), torch.rand(B, S, G, generator=g)
 
     class TwoBranches(Recorder):
-        def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None):
+        def forward(self, x_t, x_self, x_ctrl, t, cov, uncond=None, only=None):
             mask = torch.zeros(x_t.shape[0], dtype=torch.bool) if uncond is None else uncond
             return torch.where(mask[:, None, None], x_uncond.repeat(x_t.shape[0] // B, 1, 1),
                                x_cond.repeat(x_t.shape[0] // B, 1, 1)) + 0 * self.w

@@ -112,6 +112,23 @@ def test_no_self_conditioning_input_is_a_zero_one():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_only_the_chosen_sets_are_computed_as_the_whole_batch_computes_them():
+    """The first self-conditioning pass computes the sets that read it alone: with label dropout on, each chosen
+    set's output equals the full batch's for it (the same draws), and the others stay zero."""
+    cfg = tiny_cfg(context_dropout=0.5, batch_dropout=0.5, pert_dropout=0.5)
+    model = randomized(Denoiser(cfg, G, VOCAB)).train()
+    x_t, _, x_ctrl, t, cov = make_inputs()
+    only = torch.tensor([True, False, True])
+    torch.manual_seed(5)
+    full = model(x_t, None, x_ctrl, t, cov)
+    torch.manual_seed(5)
+    part = model(x_t, None, x_ctrl, t, cov, only=only)
+    torch.testing.assert_close(part[only], full[only], atol=1e-5, rtol=1e-5)
+    assert (part[~only] == 0).all()
+    torch.manual_seed(6)
+    assert not torch.allclose(model(x_t, None, x_ctrl, t, cov)[only], full[only])  # the labels do drop here
+
+
 def test_uncond_rows_ignore_covariates():
     model = randomized(Denoiser(tiny_cfg(), G, VOCAB))
     x_t, x_self, x_ctrl, t, cov = make_inputs(0)

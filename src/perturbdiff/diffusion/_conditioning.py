@@ -8,6 +8,7 @@ forward of a doubled batch and mixes them with weight w.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -58,12 +59,14 @@ def output_form(out: torch.Tensor, ctrl: torch.Tensor, *, control_skip: bool, no
     return F.relu(out) if nonnegative else out
 
 
-def self_conditioning(predict: Callable[[torch.Tensor | None], torch.Tensor], like: torch.Tensor,
-                      use_self: torch.Tensor, enabled: bool) -> torch.Tensor:
+def self_conditioning(predict: Callable[[torch.Tensor | None, torch.Tensor | None], torch.Tensor],
+                      like: torch.Tensor, use_self: torch.Tensor, enabled: bool) -> torch.Tensor:
     """The self-conditioning input: a no-grad first prediction where ``use_self``, zeros elsewhere.
 
-    The first pass runs on the whole batch (static shapes for torch.compile) and on a fork of the global generators,
-    so label dropout inside the network draws the same labels in the graded second pass.
+    ``predict(x_self, only)`` is called with x_self None (zeros) and only = ``use_self``: the network computes the
+    chosen sets alone (about half the batch at self_cond_prob 0.5). It runs on a fork of the global generators and
+    forms the conditioning of the whole batch, so label dropout inside the network draws the same labels in the
+    graded second pass.
     """
     x_self = torch.zeros_like(like)
     if not enabled:
@@ -71,8 +74,18 @@ def self_conditioning(predict: Callable[[torch.Tensor | None], torch.Tensor], li
     dev = like.device
     forked = [dev] if dev.type != "cpu" else []
     with torch.no_grad(), torch.random.fork_rng(devices=forked, device_type=dev.type):
-        first = predict(None).float()  # (B, S, G); None: the network's x̂0_self input is zero
+        first = predict(None, use_self).float()  # (B, S, G); None: the network's x̂0_self input is zero
     return torch.where(use_self[:, None, None], first, x_self)
+
+
+def only_kwargs(network: Callable, only: torch.Tensor | None) -> dict:
+    """``{"only": only}`` where the network takes that argument (the package's Denoiser, or a wrapper that passes
+    keyword arguments on), else nothing: another network then computes every set, as before."""
+    if only is None:
+        return {}
+    params = inspect.signature(getattr(network, "forward", network)).parameters
+    takes = "only" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {"only": only} if takes else {}
 
 
 def doubled(ctrl: torch.Tensor, cov: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:

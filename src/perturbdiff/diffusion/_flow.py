@@ -25,6 +25,7 @@ from perturbdiff.diffusion._conditioning import (
     draw,
     drop_controls,
     guide,
+    only_kwargs,
     output_form,
     self_conditioning,
 )
@@ -58,10 +59,10 @@ class FlowMatching:
         self.cfg, self.nonnegative, self.clip = cfg, nonnegative, clip
 
     # -- the network's output --------------------------------------------------------------------------------
-    def _raw(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop):
-        """The network's raw output [B, S, G] (fp32) and the control stream it saw."""
+    def _raw(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop, only=None):
+        """The network's raw output [B, S, G] (fp32) and the control stream it saw; ``only``: see Denoiser."""
         ctrl = drop_controls(ctrl, ctrl_drop)
-        return network(x_t, x_self, ctrl, t * TIME_SCALE, cov, uncond).float(), ctrl
+        return network(x_t, x_self, ctrl, t * TIME_SCALE, cov, uncond, **only_kwargs(network, only)).float(), ctrl
 
     def _form(self, out: torch.Tensor, ctrl: torch.Tensor) -> torch.Tensor:
         return output_form(out, ctrl, control_skip=self.cfg.control_skip, nonnegative=self.nonnegative)
@@ -75,12 +76,12 @@ class FlowMatching:
         x1 = self._form(out, ctrl)
         return x1, (x1 - x_t) / rest
 
-    def endpoint(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond=None, ctrl_drop=None):
+    def endpoint(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond=None, ctrl_drop=None, only=None):
         """x̂1 alone, what the set losses and self-conditioning read: an endpoint network's velocity is not
-        computed (two passes over the set fewer per forward)."""
+        computed (two passes over the set fewer per forward). ``only`` [B]: the sets that matter (Denoiser)."""
         if self.cfg.flow_target == "velocity":
             return self.predict(network, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop)[0]
-        return self._form(*self._raw(network, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop))
+        return self._form(*self._raw(network, x_t, x_self, ctrl, t, cov, uncond, ctrl_drop, only))
 
     def _source(self, batch: dict, x1: torch.Tensor, generator) -> torch.Tensor:
         if self.cfg.flow_source == "noise":
@@ -108,8 +109,8 @@ class FlowMatching:
         x_t = torch.lerp(x0, x1, t[:, None, None])  # t·x1 + (1 − t)·x0 in one pass
         ctrl = batch["control"]
 
-        def endpoint(x_self):
-            return self.endpoint(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop)
+        def endpoint(x_self, only=None):
+            return self.endpoint(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop, only)
 
         x_self = self_conditioning(endpoint, x_t, drops.use_self, cfg.self_cond_prob > 0)
         mse = None

@@ -16,6 +16,7 @@ from perturbdiff.diffusion._conditioning import (
     draw,
     drop_controls,
     guide,
+    only_kwargs,
     output_form,
     self_conditioning,
 )
@@ -46,10 +47,12 @@ class VPDiffusion:
         self.sched = make_schedule(cfg.timesteps, cfg.beta_start, cfg.beta_end)
 
     # -- the output form ---------------------------------------------------------------------------------------
-    def predict_x0(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond=None, ctrl_drop=None) -> torch.Tensor:
-        """x̂0 from the network's raw output: + the control mean (control skip), ReLU (non-negative space)."""
+    def predict_x0(self, network: nn.Module, x_t, x_self, ctrl, t, cov, uncond=None, ctrl_drop=None,
+                   only=None) -> torch.Tensor:
+        """x̂0 from the network's raw output: + the control mean (control skip), ReLU (non-negative space);
+        ``only`` [B]: the sets that matter (Denoiser)."""
         ctrl = drop_controls(ctrl, ctrl_drop)
-        out = network(x_t, x_self, ctrl, t, cov, uncond)  # (B, S, G)
+        out = network(x_t, x_self, ctrl, t, cov, uncond, **only_kwargs(network, only))  # (B, S, G)
         return output_form(out, ctrl, control_skip=self.cfg.control_skip, nonnegative=self.nonnegative)
 
     # -- training ----------------------------------------------------------------------------------------------
@@ -64,8 +67,8 @@ class VPDiffusion:
         x_t = q_sample(self.sched, x0, t, noise)  # (B, S, G)
         ctrl = batch["control"]
 
-        def predict(x_self):
-            return self.predict_x0(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop)
+        def predict(x_self, only=None):
+            return self.predict_x0(network, x_t, x_self, ctrl, t, cov, drops.uncond, drops.ctrl_drop, only)
 
         x_self = self_conditioning(predict, x_t, drops.use_self, cfg.self_cond_prob > 0)
         x0_hat = predict(x_self).float()  # (B, S, G)

@@ -97,13 +97,30 @@ class Denoiser(nn.Module):
         t: torch.Tensor,
         cov: dict,
         uncond: torch.Tensor | None = None,
+        only: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """f(x_t, x̂0_self, x_ctrl, t, cov) [B, S, G]; ``uncond`` rows use the null covariate vector; ``x_self``
-        None stands for zeros (a first self-conditioning pass)."""
+        None stands for zeros (a first self-conditioning pass).
+
+        ``only`` [B] (bool) computes those sets alone and leaves the others' output zero: sets never see each other,
+        so a selected set's output is what the whole batch gives it. The conditioning vector is formed for the whole
+        batch first, so label dropout draws what a full pass draws. While torch.compile traces, every set is
+        computed (static shapes).
+        """
         ds = cov.get("dataset") if self.n_datasets > 1 else None  # (B,) data set of each set
+        c = self.condition(t, cov, uncond)  # (B, H)
+        if only is None or torch.compiler.is_compiling():
+            return self._sets(x_t, x_self, x_ctrl, c, ds)
+        rows = only.nonzero().squeeze(1)  # (n,)
+        out = x_t.new_zeros(x_t.shape[0], x_t.shape[1], self.n_genes)  # (B, S, G)
+        pick = (None if a is None else a[rows] for a in (x_t, x_self, x_ctrl, c, ds))
+        out[rows] = self._sets(*pick).to(out.dtype)
+        return out
+
+    def _sets(self, x_t, x_self, x_ctrl, c, ds) -> torch.Tensor:
+        """The two streams from their inputs and the conditioning vector c [B, H] to the output [B, S, G]."""
         x = self._target_in(x_t, x_self, ds)  # (B, S, H)
         xc = self.ctrl_in(x_ctrl)  # (B, S, H)
-        c = self.condition(t, cov, uncond)  # (B, H)
         for i, block in enumerate(self.blocks):
             x, xc = block(x, xc, c, last=i == len(self.blocks) - 1)  # (B, S, H) each
         return self.final(x, c, ds)  # (B, S, G)
