@@ -3,8 +3,11 @@
     python benchmarks/bench_levers.py [--preset small] [--genes 2000] [--threads 1] [--rounds 7]
 
 Each lever is a config change of the default; its trainer steps on the same random batch (as bench_model.py).
-Reported: median seconds per step and the ratio to the default. Quality is not measured here: a lever that is
-faster still has to keep the benchmark scores (docs/PERFORMANCE.md, "Levers").
+Reported: median seconds per step and the ratio to the default, under the path of the package timed. To compare two
+commits instead, check each out into its own folder and alternate them with the default alone
+(``PYTHONPATH=old/src python benchmarks/bench_levers.py --preset tiny --levers "default (fp32)" --rounds 200``).
+Quality is not measured here: a lever that is faster still has to keep the benchmark scores (docs/PERFORMANCE.md,
+"Levers").
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import perturbdiff  # noqa: E402
 from bench_model import make_batch, make_trainer  # noqa: E402
 from perturbdiff.config import Config  # noqa: E402
 
@@ -58,13 +62,13 @@ def main() -> None:
             step()
             times[name].append(time.perf_counter() - t)
     ref = statistics.median(times[next(iter(times))])
-    print(f"preset {args.preset}, G = {args.genes}, {args.threads} thread(s), median of {args.rounds} interleaved "
-          "steps\n")
-    print("| lever | s / step | vs default | first step s |")
+    print(f"{Path(perturbdiff.__file__).parent}: preset {args.preset}, G = {args.genes}, {args.threads} thread(s), "
+          f"median of {args.rounds} interleaved steps\n")
+    print("| lever | ms / step | vs default | first step s |")
     print("|---|---|---|---|")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"| {name} | {m:.3f} | {ref / m:.2f}x faster | {first[name]:.1f} |")
+        print(f"| {name} | {m * 1e3:.1f} | {ref / m:.2f}x faster | {first[name]:.1f} |")
 
 
 if __name__ == "__main__":

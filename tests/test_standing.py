@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from real_benchmark import collect  # noqa: E402
 from standing import rows  # noqa: E402
 
 
@@ -21,5 +22,5 @@ def test_a_reproduced_run_counts_once_and_other_draws_of_a_seed_count(tmp_path):
     write(tmp_path, "old", 1, 0.30)
     write(tmp_path, "rerun", 0, 0.40)  # the same run reproduced to the digit
     write(tmp_path, "new", 0, 0.45)  # seed 0 under other code: another draw
-    got = sorted(r["pearson_delta"] for r in rows(tmp_path, "devel_gbm", ["old", "rerun", "new"]))
+    got = sorted(r["pearson_delta"] for r in rows(collect(tmp_path)["devel_gbm"], ["old", "rerun", "new"]))
     assert got == [0.30, 0.40, 0.45]

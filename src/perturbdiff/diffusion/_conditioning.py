@@ -8,6 +8,7 @@ forward of a doubled batch and mixes them with weight w.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,11 +82,14 @@ def self_conditioning(predict: Callable[[torch.Tensor | None, torch.Tensor | Non
 def only_kwargs(network: Callable, only: torch.Tensor | None) -> dict:
     """``{"only": only}`` where the network takes that argument (the package's Denoiser, or a wrapper that passes
     keyword arguments on), else nothing: another network then computes every set, as before."""
-    if only is None:
-        return {}
-    params = inspect.signature(getattr(network, "forward", network)).parameters
-    takes = "only" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return {"only": only} if takes else {}
+    return {} if only is None or not _takes_only(type(network)) else {"only": only}
+
+
+@functools.cache
+def _takes_only(kind: type) -> bool:
+    """Whether a network class's forward (or call) takes ``only``: read once per class, not once per step."""
+    params = inspect.signature(getattr(kind, "forward", kind.__call__)).parameters
+    return "only" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def doubled(ctrl: torch.Tensor, cov: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:

@@ -37,10 +37,9 @@ class EMA:
         if step % self.every:
             return
         d = ema_decay(self.decay, step // self.every, self.warmup)
-        src = dict(model.named_parameters())
-        pairs = [(p, src[name].detach()) for name, p in self.module.named_parameters()]
+        src, shadow = dict(model.named_parameters()), dict(self.module.named_parameters())
         # torch's multi-tensor EMA step: one lerp over all parameters (the shadow is a copy: same dtypes, device)
-        get_ema_multi_avg_fn(d)([p for p, _ in pairs], [q for _, q in pairs], None)
+        get_ema_multi_avg_fn(d)(list(shadow.values()), [src[name].detach() for name in shadow], None)
         src_b = dict(model.named_buffers())
         for name, b in self.module.named_buffers():
             b.copy_(src_b[name])

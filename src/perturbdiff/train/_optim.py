@@ -39,23 +39,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
-
-
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW (ref betas 0.9/0.98, eps 1e-8, weight decay 0.01 on matrices only).
 
     torch's fused kernel (one pass over all parameters; 3.2x faster than ``foreach`` at preset tiny on a CPU,
-    docs/PERFORMANCE.md) where the parameters live on a device it supports, ``foreach`` elsewhere. A checkpoint keeps
-    the choice in its param groups, so a run resumes with the kernel it started with.
+    docs/PERFORMANCE.md) where torch has it for the parameters' device and dtype, ``foreach`` elsewhere (torch
+    refuses the fused kernel where it has none, e.g. on a CPU before torch 2.4). A checkpoint keeps the choice in its
+    param groups, so a run resumes with the kernel it started with.
     """
     kw = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
-    if all(p.device.type in FUSED_DEVICES and p.dtype.is_floating_point for p in model.parameters()):
-        try:  # fresh groups each try: the optimizer writes its defaults into them
-            return torch.optim.AdamW(param_groups(model, cfg.weight_decay), fused=True, **kw)
-        except RuntimeError:  # a torch without the kernel for this device (the CPU one came with torch 2.4)
-            pass
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), foreach=True, **kw)
+    try:  # fresh groups each try: the optimizer writes its defaults into them
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), fused=True, **kw)
+    except RuntimeError:
+        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), foreach=True, **kw)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
