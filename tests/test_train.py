@@ -215,6 +215,28 @@ def test_ema_warmup_forgets_the_random_initialisation():
     assert 1.0 - float(plain.module.weight.mean()) == pytest.approx(0.999 ** 2000, rel=1e-3)  # 13.5 % left
 
 
+def test_ema_follows_weights_loaded_into_its_source_and_a_new_source():
+    from perturbdiff.train import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(net, decay=0.5, every=1, warmup=False)
+    ema.update(net, 1)  # lists the pairs
+    new = {k: torch.full_like(v, 2.0) for k, v in net.state_dict().items()}
+    net.load_state_dict(new)  # copies into the listed tensors
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema.update(net, 2)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(ema.module.get_parameter(name), 0.5 * before[name] + 0.5 * p.detach())
+    torch.testing.assert_close(ema.module[1].running_mean, torch.full((3,), 2.0))  # buffers are copied
+    other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    with torch.no_grad():
+        for p in other.parameters():
+            p.fill_(-1.0)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema.update(other, 3)  # another source module: paired anew
+    torch.testing.assert_close(ema.module[0].weight, 0.5 * before["0.weight"] - 0.5)
+
+
 def _scripted_validator(scores):
     """A validator whose scores are given (lower is better), one per validation."""
     it = iter(scores)

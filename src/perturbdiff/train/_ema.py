@@ -30,6 +30,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.99, every: int = 10, warmup: bool = True):
         self.decay, self.every, self.warmup = decay, max(1, every), bool(warmup)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs: tuple | None = None  # (source module, shadow params, source params, shadow bufs, source bufs)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -37,12 +38,21 @@ class EMA:
         if step % self.every:
             return
         d = ema_decay(self.decay, step // self.every, self.warmup)
-        src, shadow = dict(model.named_parameters()), dict(self.module.named_parameters())
+        _, shadow, src, shadow_b, src_b = self._paired(model)
         # torch's multi-tensor EMA step: one lerp over all parameters (the shadow is a copy: same dtypes, device)
-        get_ema_multi_avg_fn(d)(list(shadow.values()), [src[name].detach() for name in shadow], None)
-        src_b = dict(model.named_buffers())
-        for name, b in self.module.named_buffers():
-            b.copy_(src_b[name])
+        get_ema_multi_avg_fn(d)(shadow, src, None)
+        for b, b_src in zip(shadow_b, src_b):
+            b.copy_(b_src)
+
+    def _paired(self, model: nn.Module) -> tuple:
+        """The shadow's parameters and buffers beside the source's of the same name, listed once per source module
+        (a step then pays no module traversal; loading weights copies into these same tensors)."""
+        if self._pairs is None or self._pairs[0] is not model:
+            src, src_b = dict(model.named_parameters()), dict(model.named_buffers())
+            shadow, shadow_b = dict(self.module.named_parameters()), dict(self.module.named_buffers())
+            self._pairs = (model, list(shadow.values()), [src[n] for n in shadow],
+                           list(shadow_b.values()), [src_b[n] for n in shadow_b])
+        return self._pairs
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
