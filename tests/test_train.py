@@ -222,7 +222,9 @@ def test_ema_follows_weights_loaded_into_its_source_and_a_new_source():
     ema = EMA(net, decay=0.5, every=1, warmup=False)
     ema.update(net, 1)  # lists the pairs
     new = {k: torch.full_like(v, 2.0) for k, v in net.state_dict().items()}
-    net.load_state_dict(new)  # copies into the listed tensors
+    for p in net.parameters():  # what a device move does: new data under the same Parameter objects
+        p.data = p.data.clone()
+    net.load_state_dict(new)  # copies into the tensors the EMA listed
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     ema.update(net, 2)
     for name, p in net.named_parameters():
