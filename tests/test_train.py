@@ -230,12 +230,15 @@ def test_ema_follows_weights_loaded_into_its_source_and_a_new_source():
     for name, p in net.named_parameters():
         torch.testing.assert_close(ema.module.get_parameter(name), 0.5 * before[name] + 0.5 * p.detach())
     torch.testing.assert_close(ema.module[1].running_mean, torch.full((3,), 2.0))  # buffers are copied
+    net[1].running_mean = torch.full((3,), 5.0)  # a device move replaces a buffer object
+    ema.update(net, 3)
+    torch.testing.assert_close(ema.module[1].running_mean, torch.full((3,), 5.0))
     other = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
     with torch.no_grad():
         for p in other.parameters():
             p.fill_(-1.0)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
-    ema.update(other, 3)  # another source module: paired anew
+    ema.update(other, 4)  # another source module: paired anew
     torch.testing.assert_close(ema.module[0].weight, 0.5 * before["0.weight"] - 0.5)
 
 

@@ -30,7 +30,7 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float = 0.99, every: int = 10, warmup: bool = True):
         self.decay, self.every, self.warmup = decay, max(1, every), bool(warmup)
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self._pairs: tuple | None = None  # (source module, shadow params, source params, shadow bufs, source bufs)
+        self._pairs: tuple | None = None  # (source module, shadow params, source params, buffer owners)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -38,20 +38,23 @@ class EMA:
         if step % self.every:
             return
         d = ema_decay(self.decay, step // self.every, self.warmup)
-        _, shadow, src, shadow_b, src_b = self._paired(model)
+        _, shadow, src, buffers = self._paired(model)
         # torch's multi-tensor EMA step: one lerp over all parameters (the shadow is a copy: same dtypes, device)
         get_ema_multi_avg_fn(d)(shadow, src, None)
-        for b, b_src in zip(shadow_b, src_b):
-            b.copy_(b_src)
+        for owner, owner_src, name in buffers:  # read by name: a device move replaces buffers (not parameters)
+            getattr(owner, name).copy_(getattr(owner_src, name))
 
     def _paired(self, model: nn.Module) -> tuple:
-        """The shadow's parameters and buffers beside the source's of the same name, listed once per source module
-        (a step then pays no module traversal; loading weights copies into these same tensors)."""
+        """The shadow's parameters beside the source's of the same name, and the modules owning each buffer, listed
+        once per source module: a step then pays no module traversal. Parameters stay the same objects when weights
+        are loaded or moved; buffers are looked up by name at each update."""
         if self._pairs is None or self._pairs[0] is not model:
-            src, src_b = dict(model.named_parameters()), dict(model.named_buffers())
-            shadow, shadow_b = dict(self.module.named_parameters()), dict(self.module.named_buffers())
-            self._pairs = (model, list(shadow.values()), [src[n] for n in shadow],
-                           list(shadow_b.values()), [src_b[n] for n in shadow_b])
+            src, shadow = dict(model.named_parameters()), dict(self.module.named_parameters())
+            buffers = []
+            for full, _ in self.module.named_buffers():
+                path, _, name = full.rpartition(".")
+                buffers.append((self.module.get_submodule(path), model.get_submodule(path), name))
+            self._pairs = (model, list(shadow.values()), [src[n] for n in shadow], buffers)
         return self._pairs
 
     def state_dict(self) -> dict[str, torch.Tensor]:
