@@ -1,6 +1,6 @@
 """Would early stopping have saved time? Replayed on the validation logs of finished runs, nothing trained.
 
-    python benchmarks/early_stop_sim.py --work bench_work --tags auto,fast,fast2 [--patience 1,2,3]
+    python benchmarks/early_stop_sim.py --work bench_work --tags auto,fast,fast2,fast3,oldcode [--patience 1,2,3]
 
 For every finished run of the tags (``<work>/<split>/<tag>/seed*/run/log.csv``, validated up to its last step), a
 rule "stop after p validations without a better val_score" is replayed: the step it stops at, and whether the
@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from validation_table import validated_rows  # noqa: E402
 
 
 def replay(vals: list[tuple[int, float]], patience: int) -> tuple[int, int]:
@@ -32,8 +35,7 @@ def replay(vals: list[tuple[int, float]], patience: int) -> tuple[int, int]:
 
 def validations(log: Path) -> list[tuple[int, float]]:
     """(step, val_score) of every validation in a run's log.csv."""
-    with open(log) as fh:
-        return [(int(r["step"]), float(r["val_score"])) for r in csv.DictReader(fh) if r.get("val_score")]
+    return [(int(r["step"]), float(r["val_score"])) for r in validated_rows(log)]
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("bench_work"), help="real_benchmark.py's working folder")
     ap.add_argument("--shared", type=Path, default=SHARED)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    perturbdiff.set_threads(args.threads)  # a fixed count: no auto measurement inside the timed parts
     prep, split, _ = prepare(args.split, args.work, args.shared)
     changes = dict(kv.split("=", 1) for kv in args.set)
     cfg = Config.from_preset("tiny").update({"train.max_steps": args.steps, "train.val_every": 10**9,

@@ -15,8 +15,14 @@ import statistics
 from pathlib import Path
 
 
+def validated_rows(log: Path) -> list[dict]:
+    """The rows of a run's log.csv written at a validation (those with a val_score), in step order."""
+    with open(log, newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r.get("val_score")]
+
+
 def best_row(log: Path) -> dict | None:
-    rows = [r for r in csv.DictReader(open(log, newline="")) if r.get("val_score")]
+    rows = validated_rows(log)
     return min(rows, key=lambda r: float(r["val_score"])) if rows else None
 
 
