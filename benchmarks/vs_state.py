@@ -2,6 +2,7 @@
 wall time, peak memory and quality of each (the protocol of shared/benchmarks/README.md), and their ratio.
 
     python benchmarks/vs_state.py --split kang_celltype --state-venv /path/to/state-venv [--steps 5000,2000]
+    python benchmarks/vs_state.py ... --variant b16:data.batch_sets=16,train.max_steps=2500  # a lever beside them
 
 STATE (arc-state 0.11.1) lives in a venv of its own (shared/benchmarks/STATE.md says how to make it); it is run with
 the command lines of STATE.md. Both contenders see the same cells: the split's training conditions, every control
@@ -56,12 +57,15 @@ def measured(out: Path, reuse: bool, run) -> dict:
     return {**timing, "pred": out / "pred.h5ad"}
 
 
-def run_perturbdiff(prep_path: Path, split_path: Path, out: Path, steps: int | None, seed: int) -> dict:
+def run_perturbdiff(prep_path: Path, split_path: Path, out: Path, steps: int | None, seed: int,
+                    sets: tuple[str, ...] = ()) -> dict:
     run, pred = out / "run", out / "pred.h5ad"
     train = [sys.executable, "-m", "perturbdiff.cli", "train", str(prep_path), "--split", str(split_path), "--out",
              str(run), "--seed", str(seed), "--no-resume", "--no-progress"]
     if steps:
         train += ["--max-steps", str(steps)]
+    for item in sets:
+        train += ["--set", item]
     fit_s, fit_mb = timed(train, out / "train.log")
     pred_s, pred_mb = timed([sys.executable, "-m", "perturbdiff.cli", "predict", str(run), "--data", str(prep_path),
                              "--out", str(pred), "--seed", str(seed), "--no-progress"], out / "predict.log")
@@ -175,6 +179,9 @@ def main() -> None:
                     help="PerturbDiff budgets to run, comma-separated (default = the default configuration's own: "
                          "5,000 steps of preset tiny)")
     ap.add_argument("--state-steps", type=int, default=2000, help="STATE's max_steps (PEERS.md: 2,000)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="one more PerturbDiff contender, the default with these config values (repeatable), e.g. "
+                         "b16:data.batch_sets=16,train.max_steps=2500")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="bench_work", type=Path)
     ap.add_argument("--shared", default=str(SHARED))
@@ -194,6 +201,14 @@ def main() -> None:
         budget = None if steps == "default" else int(steps)
         runs[name] = measured(root / name, args.reuse,
                               lambda out, b=budget: run_perturbdiff(prep_path, split_path, out, b, args.seed))
+        print(f"{name}: {runs[name]['fit_s']:.0f} s fit, {runs[name]['predict_s']:.0f} s predict", flush=True)
+    for spec in args.variant:
+        label, _, items = spec.partition(":")
+        if not label or not items or any("=" not in i for i in items.split(",")):
+            sys.exit(f"--variant {spec!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+        name, sets = f"perturbdiff-{label}", tuple(items.split(","))
+        runs[name] = measured(root / name, args.reuse, lambda out, s=sets:
+                              run_perturbdiff(prep_path, split_path, out, None, args.seed, s))
         print(f"{name}: {runs[name]['fit_s']:.0f} s fit, {runs[name]['predict_s']:.0f} s predict", flush=True)
     runs["state"] = measured(root / "state", args.reuse,
                              lambda out: run_state(prep, split, out, args.state_venv, args.state_steps, args.seed))
