@@ -14,8 +14,8 @@ def test_gpu_check_measures_throughput_mfu_and_exact_resume_on_a_cpu(tmp_path, c
     res = gpu_check.main(["--device", "cpu", "--presets", "tiny", "--genes", "32", "--seconds", "0.2",
                           "--peak-tflops", "0.1", "--out", str(tmp_path / "r.json")])
     (row,) = res["presets"]
-    assert row["S"] == 32 and row["B"] == 8 and row["steps_per_s"] > 0 and row["sample_cells_per_s"] > 0
+    assert row["S"] == 32 and row["B"] == 16 and row["steps_per_s"] > 0 and row["sample_cells_per_s"] > 0
     assert 0 < row["mfu"] < 1 and abs(row["mfu"] - row["model_tflops"] / 0.1) < 1e-9
     assert row["sample_evals"] == 25  # the default sampler: 25 Euler steps
     assert res["resume"]["identical"] is True
-    assert (tmp_path / "r.json").exists() and "| tiny | 32 × 8 |" in capsys.readouterr().out
+    assert (tmp_path / "r.json").exists() and "| tiny | 32 × 16 |" in capsys.readouterr().out

@@ -40,7 +40,7 @@ EXAMPLES = """examples:
       --strategy held-out-contexts-partial --holdout "CD14 Mono" --out split.json
   perturbdiff preprocess raw.h5ad --pert-key perturbation --control-value control --context-keys cell_type \\
       --input-kind counts --split split.json --out data.h5ad      # genes chosen on the training cells
-  perturbdiff train data.h5ad --split split.json --out run/       # preset tiny, 5,000 steps (--preset small ...)
+  perturbdiff train data.h5ad --split split.json --out run/       # preset tiny, 2,500 steps (--preset small ...)
   perturbdiff predict run/ --data data.h5ad --out pred.h5ad
   perturbdiff evaluate pred.h5ad --data data.h5ad --split split.json --baselines all --out eval/
   perturbdiff config                                 # every hyper-parameter, as --set and --config take them
