@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--state-venv", required=True, type=Path, help="the venv holding arc-state 0.11.1")
     ap.add_argument("--steps", default="default",
                     help="PerturbDiff budgets to run, comma-separated (default = the default configuration's own: "
-                         "5,000 steps of preset tiny)")
+                         "preset tiny's steps)")
     ap.add_argument("--state-steps", type=int, default=2000, help="STATE's max_steps (PEERS.md: 2,000)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                     help="one more PerturbDiff contender, the default with these config values (repeatable), e.g. "
