@@ -53,11 +53,11 @@ def main() -> None:
             runs[split].append(vals)
     for split, logs in sorted(runs.items()):
         full = [replay(v, len(v))[1] for v in logs]  # patience past the end: the full run's choice
+        last = sum(v[-1][0] for v in logs) / len(logs)
         print(f"{split}: {len(logs)} runs, best steps {sorted(collections.Counter(full).items())}")
         for p in patiences:
             stops, kept = zip(*(replay(v, p) for v in logs))
             same = sum(k == f for k, f in zip(kept, full))
-            last = sum(v[-1][0] for v in logs) / len(logs)
             print(f"  patience {p}: stops at {sum(stops) / len(stops):.0f} of {last:.0f} steps on average, "
                   f"keeps the full run's checkpoint in {same} of {len(logs)}")
 

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/loop_parts.py --split kang_celltype --steps 600 [--set data.num_workers=1]
 
-Trains the default configuration (preset tiny, no validation) for ``--steps`` steps on the split's training
+Trains the default configuration (``Config.default()``, no validation) for ``--steps`` steps on the split's training
 conditions through the package's own Trainer, with a timer around each of its parts: loss + backward, the loader's
 gather (``CellSetDataset.__getitems__``), gradient clipping and the EMA update. Prints ms per step for each, the
 whole step and the wall time per step (set-up included), under the path of the package timed, so two commits
@@ -64,9 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     perturbdiff.set_threads(args.threads)  # a fixed count: no auto measurement inside the timed parts
     prep, split, _ = prepare(args.split, args.work, args.shared)
-    changes = dict(kv.split("=", 1) for kv in args.set)
-    cfg = Config.from_preset("tiny").update({"train.max_steps": args.steps, "train.val_every": 10**9,
-                                             "train.val_guidance": "", **changes})
+    cfg = Config.default().update({"train.max_steps": args.steps, "train.val_every": 10**9,
+                                   "train.val_guidance": ""}).with_items(args.set)
     model = PerturbDiff.from_config(cfg, prep, split)
     spent = timed_parts()
     with tempfile.TemporaryDirectory() as out:
@@ -74,7 +73,7 @@ def main() -> None:
         model.train(max_steps=args.steps, out_dir=out, progress=False, resume=False, device="cpu")
         wall = time.perf_counter() - t0
     ms = {k: round(v / args.steps * 1e3, 2) for k, v in spent.items()}
-    print(Path(perturbdiff.__file__).parent, args.split, f"{args.threads} thread(s)", changes or "",
+    print(Path(perturbdiff.__file__).parent, args.split, f"{args.threads} thread(s)", args.set or "",
           "ms per step:", ms, "wall", round(wall / args.steps * 1e3, 2))
 
 
