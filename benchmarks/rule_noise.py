@@ -57,14 +57,20 @@ def per_seed(work: Path, split_name: str, tag: str, shared: Path) -> dict[int, d
     return have
 
 
-def judge(a: np.ndarray, b: np.ndarray, sign: int, margin, sd: float, step: float = 0.0) -> int:
+def judge(a: np.ndarray, b: np.ndarray, sign: int, margin, sd: float, step: float = 0.0,
+          majority: bool = False) -> int:
     """-1: b worse than a past the margin, +1: better past it, 0: neither (a, b: one score over each group's seeds;
-    sd: the score's sd over every seed of the tag; step: one rank step of the score in one run, 0 if not a rank)."""
+    sd: the score's sd over every seed of the tag; step: one rank step of the score in one run, 0 if not a rank).
+    majority: "better" also needs most of b's seeds better than every seed of a, so one seed cannot carry it (the
+    thirteenth pass: where a's sd is 0, one seed's lucky DE call passed a lever); "worse" is judged as before."""
     if np.isnan(a).any() or np.isnan(b).any():
         return 0
     m = margin(a, b, sd, step)
     d = sign * (b.mean() - a.mean())
-    return -1 if d < -m else (1 if d > m else 0)
+    v = -1 if d < -m else (1 if d > m else 0)
+    if majority and v > 0 and 2 * int((sign * b > (sign * a).max()).sum()) <= len(b):
+        return 0
+    return v
 
 
 def _sd_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -86,6 +92,9 @@ for _k in (2, 2.5, 3):  # the default's seed-to-seed sd over all its seeds, as t
 # step in one seed of the lever's group vetoes; the margin is floored at that step
 RULES["2.5 x s.e. from the default's sd over all its seeds, at least one rank step of one seed"] = (
     lambda a, b, sd, step: max(2.5 * sd * np.sqrt(2 / len(a)), step / len(a)))
+# written down for the next pass (thirteenth pass): the same margin, and "better" borne by most of the lever's seeds
+MAJORITY = "the same, and most of the lever's seeds better than every seed of the default"
+RULES[MAJORITY] = RULES["2.5 x s.e. from the default's sd over all its seeds, at least one rank step of one seed"]
 
 
 def rank_steps(split) -> float:
@@ -122,7 +131,7 @@ def judge_levers(args, table: dict, steps: dict, sd_all: dict) -> None:
                     va = np.array([rows[s][score] for s in group], float)
                     vb = np.array([lever[split][s][score] for s in group], float)
                     v = judge(va, vb, sign, margin, sd_all[split][score],
-                              steps[split] if score.startswith("discr") else 0.0)
+                              steps[split] if score.startswith("discr") else 0.0, name == MAJORITY)
                     note = f"{split} {score} {vb.mean():.3f} against {va.mean():.3f}"
                     (worse if v < 0 else better if v > 0 else []).append(note)
             verdict = "loses" if worse else ("passes" if better else "ties")
@@ -162,7 +171,7 @@ def main() -> None:
                     va = np.array([rows[s][score] for s in a], float)
                     vb = np.array([rows[s][score] for s in b], float)
                     v = judge(va, vb, sign, margin, sd_all[split][score],
-                              steps[split] if score.startswith("discr") else 0.0)
+                              steps[split] if score.startswith("discr") else 0.0, name == MAJORITY)
                     worse += [f"{split} {score}"] if v < 0 else []
                     better |= v > 0
             for w in worse:
